@@ -1,0 +1,3 @@
+from capcli.cli import main
+
+main()

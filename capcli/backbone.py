@@ -1,0 +1,136 @@
+"""The backbone plugin contract: what a plugin object exposes, and helpers plugins share.
+
+A plugin registers one `Backbone` per entry point in the group `capcli.backbones`. Creating a
+`Backbone` must not import torch: `capcli backbones` lists plugins without it. Only `build` may.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from capcli.errors import CapcliError
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_CHOICES = "'imagenet', 'none' or a path to a state dict"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the backbone's input: resize the shorter side, centre-crop, normalise."""
+
+    input_size: int
+    resize: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # "bilinear" | "bicubic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_size": self.input_size,
+            "resize": self.resize,
+            "crop": "center",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(
+            input_size=int(d["input_size"]),
+            resize=int(d["resize"]),
+            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
+            interpolation=str(d.get("interpolation", "bilinear")),
+        )
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A CNN that maps a normalised image batch [B,3,S,S] to pooled features [B,D]."""
+
+    name: str
+    feature_dim: int
+    preprocessing: Preprocessing
+    builder: Callable[[str], torch.nn.Module] = field(repr=False)
+    weights_source: str = "imagenet"
+    description: str = ""
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.input_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preprocessing.std
+
+    def build(self, weights: str = "imagenet") -> torch.nn.Module:
+        """The feature extractor in eval mode; weights: 'imagenet', 'none' (seeded random) or a path."""
+        import torch
+
+        check_weights_arg(weights)
+        if weights == "none":
+            # Random init is seeded so that 'none' features are reproducible (tests, cache keys).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                module = self.builder(weights)
+        else:
+            module = self.builder(weights)
+        return module.eval()
+
+
+def check_weights_arg(weights: str) -> None:
+    if weights in ("imagenet", "none"):
+        return
+    path = Path(weights)
+    if not path.is_file():
+        raise CapcliError(f"weights must be {WEIGHT_CHOICES}; no file at '{weights}'")
+
+
+def weights_id(weights: str) -> str:
+    """A stable id for a weights choice, used in cache keys: a file is named by its content hash."""
+    if weights in ("imagenet", "none"):
+        return weights
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "file-" + digest.hexdigest()[:16]
+
+
+def load_state_dict_file(module: torch.nn.Module, path: str, backbone: str) -> None:
+    """Load a local state dict into `module`, with one clear line when it does not fit."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code, wrong format
+        raise CapcliError(f"cannot read weights file '{path}': {type(exc).__name__}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CapcliError(f"weights file '{path}' does not fit {backbone}: {first}") from exc
+
+
+def download_failed(backbone: str, exc: BaseException) -> CapcliError:
+    """The one line shown when pretrained weights cannot be fetched (usually: no network)."""
+    reason = type(exc).__name__
+    return CapcliError(
+        f"could not download ImageNet weights for {backbone} ({reason}: network unreachable?); "
+        "use --weights none or --weights PATH to a local state dict"
+    )

@@ -1,0 +1,115 @@
+"""Reading images safely and turning them into backbone input, with numpy and Pillow only.
+
+The same code feeds training-time feature extraction and ONNX Runtime captioning, so both see
+identical pixels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from capcli.backbone import Preprocessing
+from capcli.errors import CapcliError
+
+# Pillow's own default (about 89 megapixels); above twice that Pillow raises, between it warns:
+# we refuse both, since a caption never needs more than a few megapixels.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class ImageError(CapcliError):
+    """An image that cannot be used: missing, not an image, truncated, or too large."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of letting convert() clip at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        span = float(arr.max() - arr.min()) or 1.0
+        return Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent areas become white, as a viewer would show them.
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as 8-bit RGB, upright per its EXIF orientation; ImageError if unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if not path.is_file():
+        raise ImageError(f"{path}: not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(
+                        f"{path}: image too large ({img.width}x{img.height}), refused as a decompression bomb"
+                    )
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                return _to_rgb(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path}: image too large, refused as a decompression bomb") from None
+    except OSError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "cannot identify image file" in msg:
+            raise ImageError(f"{path}: not an image") from None
+        raise ImageError(f"{path}: unreadable image ({msg})") from None
+    except (ValueError, SyntaxError) as exc:
+        raise ImageError(f"{path}: unreadable image ({type(exc).__name__})") from None
+
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def to_input(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """Resize the shorter side, centre-crop and normalise: float32 [3, S, S]."""
+    w, h = img.size
+    scale = prep.resize / min(w, h)
+    new_w, new_h = max(prep.input_size, round(w * scale)), max(prep.input_size, round(h * scale))
+    img = img.resize((new_w, new_h), _RESAMPLE[prep.interpolation])
+    left, top = (new_w - prep.input_size) // 2, (new_h - prep.input_size) // 2
+    img = img.crop((left, top, left + prep.input_size, top + prep.input_size))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(prep.mean, dtype=np.float32)) / np.asarray(prep.std, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_input(path: str | Path, prep: Preprocessing) -> np.ndarray:
+    return to_input(load_rgb(path), prep)
+
+
+def expand_image_args(args: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images, sorted) and globs -> (image paths, problems for missing args)."""
+    import glob
+
+    found: list[Path] = []
+    problems: list[str] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif any(ch in arg for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(arg, recursive=True) if Path(m).is_file())
+            if not matches:
+                problems.append(f"{arg}: no file matches")
+            found.extend(matches)
+        else:
+            found.append(path)  # missing files are reported when loaded, in order
+    return found, problems
