@@ -1,0 +1,142 @@
+"""`capcli data ...`: generate the synthetic set, inspect a dataset, download Flickr8k/30k."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from capcli.console import err, out, progress
+from capcli.errors import CapcliError
+
+app = typer.Typer(help="Datasets: generate the synthetic set, inspect, download.", no_args_is_help=True)
+
+_LISTED_NAMES = 10  # missing/unreadable images shown in the table; --json lists them all
+
+
+def _say(text: str) -> None:
+    """A plain result line: file names with brackets are not rich markup."""
+    out.print(text, markup=False)
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the dataset into.")],
+    images: Annotated[int, typer.Option("--images", min=1, help="Number of images.")] = 1500,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same files.")] = 0,
+    size: Annotated[int, typer.Option("--size", min=32, help="Image width and height in pixels.")] = 224,
+) -> None:
+    """Generate the synthetic coloured-shapes dataset (Kaggle layout + objects.json)."""
+    from capcli.data.synthetic import CAPTIONS_PER_IMAGE, build, is_synthetic_set
+
+    _check_synth_target(out_dir, is_synthetic_set)
+    started = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task("generating", total=images, info="")
+        build(out_dir, images, seed, size, progress=lambda done: bar.update(task, completed=done))
+    seconds = time.perf_counter() - started
+    err.print(
+        f"{images} images, {images * CAPTIONS_PER_IMAGE} captions in {seconds:.1f}s "
+        f"({images / seconds:.0f} images/s)"
+    )
+    _say(str(out_dir))
+
+
+def _check_synth_target(out_dir: Path, is_synthetic_set) -> None:
+    """Refuse to replace anything but an empty folder or an earlier synthetic set."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CapcliError(f"{out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_synthetic_set(out_dir):
+        raise CapcliError(f"{out_dir}: not empty and not a synthetic dataset; choose a new or empty folder")
+
+
+@app.command()
+def info(
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            metavar="DATASET", help="synthetic, flickr8k, flickr30k, a folder or an annotation file."
+        ),
+    ],
+    images: Annotated[
+        Path | None,
+        typer.Option("--images", help="Folder holding the images, if not beside the annotations."),
+    ] = None,
+    threshold: Annotated[int, typer.Option("--threshold", min=1, help="Vocabulary: minimum word count.")] = 5,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the split, for datasets without their own.")
+    ] = 0,
+    check_images: Annotated[
+        bool,
+        typer.Option(
+            "--check-images/--no-check-images", help="Decode every image (slower) or only look for it."
+        ),
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show splits, caption and vocabulary statistics, and missing or unreadable images."""
+    from capcli.data.info import dataset_info
+    from capcli.data.readers import load_dataset
+
+    ds = load_dataset(dataset, images=images, seed=seed)
+    with progress(transient=True) as bar:
+        task = bar.add_task("checking images", total=len(ds.captions), info="")
+        summary = dataset_info(
+            ds, threshold, check_images, progress=lambda done: bar.update(task, completed=done)
+        )
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    _print_info(summary)
+
+
+def _print_info(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"dataset {summary['name']} ({summary['format']})")
+    for column in ("split", "images", "captions"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, counts in summary["splits"].items():
+        table.add_row(split, str(counts["images"]), str(counts["captions"]))
+    table.add_row("all", str(summary["images"]), str(summary["captions"]), style="bold")
+    out.print(table)
+    words = summary["caption_words"]
+    _say(f"annotation:    {summary['annotation']}")
+    _say(f"images in:     {summary['images_dir']}")
+    _say(f"fingerprint:   {summary['fingerprint']}")
+    _say(f"vocabulary:    {summary['vocab_size']} words (count >= {summary['vocab_threshold']}, train split)")
+    _say(f"caption words: min {words['min']}, mean {words['mean']}, p95 {words['p95']:g}, max {words['max']}")
+    _print_names("missing images", summary["missing_images"])
+    if summary["images"] and len(summary["missing_images"]) == summary["images"]:
+        _say(f"hint: no image found in {summary['images_dir']}; pass --images DIR where they are")
+    if summary["images_checked"] == "decoded":
+        _print_names("unreadable images", summary["unreadable_images"])
+    for note in summary["notes"]:
+        _say(f"note: {note}")
+
+
+def _print_names(label: str, names: list[str]) -> None:
+    if not names:
+        _say(f"{label}: none")
+        return
+    shown = escape(", ".join(names[:_LISTED_NAMES]))
+    more = f" and {len(names) - _LISTED_NAMES} more (--json lists all)" if len(names) > _LISTED_NAMES else ""
+    out.print(f"[yellow]{label}: {len(names)}[/yellow] ({shown}{more})", markup=True)
+
+
+@app.command()
+def download(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="flickr8k or flickr30k.")],
+) -> None:
+    """Download a Flickr dataset from Kaggle (needs network; credentials for some datasets)."""
+    from capcli.data.download import KAGGLE_DATASETS
+    from capcli.data.download import download as fetch
+
+    if name in KAGGLE_DATASETS:
+        err.print(f"downloading {name} from Kaggle ({KAGGLE_DATASETS[name]}) ...")
+    path = fetch(name)
+    _say(str(path))

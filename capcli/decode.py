@@ -1,0 +1,244 @@
+"""Greedy, beam and sampled decoding over a one-step decoder, shared by every runtime.
+
+A runtime (PyTorch, ONNX Runtime) only has to provide a `Step`: feed one token per row with the recurrent
+state and get the next token's log-probabilities and the new state. Everything here is numpy, so captioning
+from an exported bundle never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+State = tuple[np.ndarray, ...]  # every array has the batch on axis 1, e.g. h and c as [layers, batch, hidden]
+
+
+class Step(Protocol):
+    def __call__(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """Tokens int64 [N] -> log-probs float32 [N, V] (log-softmax applied) and the new state."""
+        ...
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated ids, without <start> and without <end>
+    log_prob: float  # sum of the token log-probs, the <end> token included when finished
+    score: float  # log_prob / (len(tokens) + finished) ** length_penalty
+    finished: bool  # ended with <end>; False when it hit max_len
+
+
+def _hypothesis(tokens: list[int], log_prob: float, finished: bool, length_penalty: float) -> Hypothesis:
+    length = max(len(tokens) + int(finished), 1)
+    score = float(log_prob) / length**length_penalty
+    return Hypothesis(tokens=tokens, log_prob=float(log_prob), score=score, finished=finished)
+
+
+def _batch_size(state: State) -> int:
+    return int(state[0].shape[1])
+
+
+def _check(max_len: int, **positive: float) -> None:
+    if max_len < 1:
+        raise ValueError(f"max_len must be at least 1, got {max_len}")
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one path per image: greedy and sampling
+
+Chooser = Callable[[np.ndarray], np.ndarray]
+
+
+def _walk(
+    step: Step, state: State, start_id: int, end_id: int, max_len: int, choose: Chooser
+) -> list[Hypothesis]:
+    """Follow one path per row, picking each next token with `choose`, until all rows end or max_len."""
+    n = _batch_size(state)
+    rows = np.arange(n)
+    tokens = np.full(n, start_id, dtype=np.int64)
+    seqs: list[list[int]] = [[] for _ in range(n)]
+    log_prob = np.zeros(n)
+    finished = np.zeros(n, dtype=bool)
+    for _ in range(max_len):
+        log_probs, state = step(tokens, state)
+        tokens = np.asarray(choose(log_probs), dtype=np.int64)
+        live = ~finished
+        log_prob[live] += log_probs[rows, tokens][live]
+        finished |= live & (tokens == end_id)
+        for i in np.flatnonzero(live & ~finished):
+            seqs[i].append(int(tokens[i]))
+        if finished.all():
+            break
+    # No length_penalty argument here: the score is the mean log-prob per token (penalty 1).
+    return [_hypothesis(seqs[i], log_prob[i], bool(finished[i]), 1.0) for i in range(n)]
+
+
+def greedy(step: Step, state: State, start_id: int, end_id: int, max_len: int = 20) -> list[Hypothesis]:
+    """The most likely next token at every step, for each image of the batch."""
+    _check(max_len)
+    return _walk(step, state, start_id, end_id, max_len, lambda log_probs: log_probs.argmax(axis=1))
+
+
+def sample(
+    step: Step,
+    state: State,
+    start_id: int,
+    end_id: int,
+    max_len: int = 20,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    rng: np.random.Generator | None = None,
+) -> list[Hypothesis]:
+    """Draw each next token from the (tempered, optionally top-k) distribution; log_prob stays the model's."""
+    _check(max_len, temperature=temperature)
+    if top_k < 0:
+        raise ValueError(f"top_k must be 0 (no limit) or positive, got {top_k}")
+    rng = rng if rng is not None else np.random.default_rng()
+
+    def choose(log_probs: np.ndarray) -> np.ndarray:
+        logits = log_probs.astype(np.float64) / temperature
+        # A stable sort puts the first of tied maxima first, as argmax does: top_k=1 is exactly greedy.
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k] if top_k else None
+        if order is not None:
+            logits = np.take_along_axis(logits, order, axis=1)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        cdf = np.cumsum(probs / probs.sum(axis=1, keepdims=True), axis=1)
+        pick = np.minimum((cdf < rng.random((len(cdf), 1))).sum(axis=1), cdf.shape[1] - 1)
+        return pick if order is None else order[np.arange(len(pick)), pick]
+
+    return _walk(step, state, start_id, end_id, max_len, choose)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# beam search
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best finite entries of each row, best first, ties to the lower index (as argmax); -inf pads.
+
+    argpartition alone would break ties arbitrarily, which would let beam width 1 drift from greedy.
+    """
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
+    rows, cols = np.nonzero((scores >= kth) & (scores > -np.inf))
+    vals = scores[rows, cols]
+    order = np.lexsort((cols, -vals, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    rank = np.arange(rows.size) - np.searchsorted(rows, rows)
+    keep = rank < k
+    index = np.zeros((scores.shape[0], k), dtype=np.int64)
+    value = np.full((scores.shape[0], k), -np.inf)
+    index[rows[keep], rank[keep]] = cols[keep]
+    value[rows[keep], rank[keep]] = vals[keep]
+    return index, value
+
+
+def _best_possible(log_prob: float, length: int, max_len: int, length_penalty: float) -> float:
+    """Upper bound on the score of any finished extension of a live beam of `length` tokens.
+
+    Log-probs never rise as tokens are added, but the normaliser grows, so the bound is the better of the
+    shortest (one more token: <end>) and the longest (max_len) finished length.
+    """
+    return max(log_prob / (length + 1) ** length_penalty, log_prob / max_len**length_penalty)
+
+
+def _settled(pool: list[Hypothesis], live: np.ndarray, length: int, max_len: int, lp: float, n: int) -> bool:
+    """True when no live beam can change the n best finished hypotheses."""
+    finite = live[np.isfinite(live)]
+    if finite.size == 0:
+        return True
+    if len(pool) < n:
+        return False
+    nth = sorted((h.score for h in pool), reverse=True)[n - 1]
+    return _best_possible(float(finite.max()), length, max_len, lp) <= nth
+
+
+def beam_search(
+    step: Step,
+    state: State,
+    start_id: int,
+    end_id: int,
+    beam_size: int = 3,
+    max_len: int = 20,
+    length_penalty: float = 1.0,
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """Beam search for every image at once; per image, up to n_best hypotheses, best score first.
+
+    The B images' K beams are one batch of B*K rows for the step. A beam that emits <end> moves to its
+    image's pool and its slot is masked to -inf, so an image keeps searching with K minus its finished
+    count (beam width 1 is therefore greedy). When no beam of an image ends within max_len, its best
+    unfinished beams are returned with finished=False.
+    """
+    _check(max_len, beam_size=beam_size, n_best=n_best)
+    if n_best > beam_size:
+        raise ValueError(f"n_best ({n_best}) cannot exceed beam_size ({beam_size})")
+    b, k = _batch_size(state), beam_size
+    state = tuple(np.repeat(s, k, axis=1) for s in state)
+    beam_lp = np.full((b, k), -np.inf)
+    beam_lp[:, 0] = 0.0  # one live beam per image at first, not K identical ones
+    seqs = np.zeros((b, k, 0), dtype=np.int64)
+    tokens = np.full(b * k, start_id, dtype=np.int64)
+    pools: list[list[Hypothesis]] = [[] for _ in range(b)]
+    done = np.zeros(b, dtype=bool)
+    for length in range(1, max_len + 1):
+        log_probs, state = step(tokens, state)
+        vocab = log_probs.shape[1]
+        total = beam_lp[:, :, None] + log_probs.reshape(b, k, vocab)
+        index, value = _top_k(total.reshape(b, k * vocab), k)
+        parent, token = index // vocab, index % vocab
+        beam_lp, new_parent, new_token = _advance(
+            pools, done, seqs, parent, token, value, end_id, length_penalty
+        )
+        for i in np.flatnonzero(~done):
+            done[i] = _settled(pools[i], beam_lp[i], length, max_len, length_penalty, n_best)
+        beam_lp[done] = -np.inf
+        images = np.arange(b)[:, None]
+        state = tuple(s[:, (images * k + new_parent).ravel()] for s in state)
+        seqs = np.concatenate([seqs[images, new_parent], new_token[..., None]], axis=2)
+        tokens = new_token.ravel()
+        if done.all():
+            break
+    return [_results(pools[i], seqs[i], beam_lp[i], length_penalty, n_best) for i in range(b)]
+
+
+def _advance(
+    pools: list[list[Hypothesis]],
+    done: np.ndarray,
+    seqs: np.ndarray,
+    parent: np.ndarray,
+    token: np.ndarray,
+    value: np.ndarray,
+    end_id: int,
+    length_penalty: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split each image's best candidates into finished hypotheses (to the pool) and the next live beams."""
+    b, k = value.shape
+    beam_lp = np.full((b, k), -np.inf)
+    new_parent = np.zeros((b, k), dtype=np.int64)
+    new_token = np.full((b, k), end_id, dtype=np.int64)
+    for i in np.flatnonzero(~done):
+        live = 0
+        for j in range(k - len(pools[i])):  # finished beams give up their slot for good
+            if not np.isfinite(value[i, j]):
+                break
+            if token[i, j] == end_id:
+                prefix = seqs[i, parent[i, j]].tolist()
+                pools[i].append(_hypothesis(prefix, value[i, j], True, length_penalty))
+                continue
+            beam_lp[i, live], new_parent[i, live], new_token[i, live] = value[i, j], parent[i, j], token[i, j]
+            live += 1
+    return beam_lp, new_parent, new_token
+
+
+def _results(
+    pool: list[Hypothesis], seqs: np.ndarray, beam_lp: np.ndarray, length_penalty: float, n_best: int
+) -> list[Hypothesis]:
+    if not pool:  # nothing ended within max_len: fall back to the best unfinished beams
+        live = np.flatnonzero(np.isfinite(beam_lp))
+        pool = [_hypothesis(seqs[j].tolist(), beam_lp[j], False, length_penalty) for j in live]
+    return sorted(pool, key=lambda h: h.score, reverse=True)[:n_best]

@@ -1,0 +1,116 @@
+"""A self-contained HTML page of captions with thumbnails, for looking at results rather than reading JSON."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from capcli.paths import atomic_write_text
+
+THUMBNAIL_PX = 160
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; }
+td, th { border-bottom: 1px solid #ddd; padding: 0.5em 0.8em; text-align: left; vertical-align: top; }
+.scores td, .scores th { border: 1px solid #ddd; }
+.thumb img { max-width: 160px; max-height: 160px; }
+.missing { width: 160px; height: 100px; background: #eee; color: #777; display: flex;
+           align-items: center; justify-content: center; font-size: 0.85em; }
+.caption { font-size: 1.1em; }
+.score, .path, .note { color: #666; font-size: 0.85em; }
+.error { color: #b00020; }
+ol, ul { margin: 0.3em 0; padding-left: 1.4em; }
+"""
+
+
+def write_html(
+    path: str | Path,
+    rows: list[dict],
+    title: str = "capcli captions",
+    scores: dict[str, float] | None = None,
+    note: str = "",
+) -> Path:
+    """Write the captions report to `path` (atomically) and return the path.
+
+    Each row: "image" (path), "caption", "score" (or None), and optionally "references" (list of str),
+    "alternatives" (list of [caption, score]) and "error" (str).
+    """
+    path = Path(path)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_esc(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+    ]
+    if note:
+        parts.append(f'<p class="note">{_esc(note)}</p>')
+    if scores:
+        parts.append(_scores_table(scores))
+    parts.append("<table><tr><th>image</th><th>caption</th><th>references</th></tr>")
+    parts.extend(_row(row) for row in rows)
+    parts.append("</table></body></html>\n")
+    atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _scores_table(scores: dict[str, float]) -> str:
+    head = "".join(f"<th>{_esc(name)}</th>" for name in scores)
+    cells = "".join(f"<td>{value:.2f}</td>" for value in scores.values())
+    return f'<table class="scores"><tr>{head}</tr><tr>{cells}</tr></table><br>'
+
+
+def _row(row: dict) -> str:
+    image = str(row.get("image", ""))
+    cells = [
+        f'<td class="thumb">{_thumbnail_html(image)}<div class="path">{_esc(Path(image).name)}</div></td>',
+        f"<td>{_caption_html(row)}</td>",
+        f"<td>{_list_html('ul', [_esc(r) for r in row.get('references') or []])}</td>",
+    ]
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def _caption_html(row: dict) -> str:
+    parts = [f'<div class="caption">{_esc(row.get("caption") or "")}</div>']
+    if row.get("score") is not None:
+        parts.append(f'<div class="score">score {float(row["score"]):.3f}</div>')
+    if row.get("error"):
+        parts.append(f'<div class="error">{_esc(row["error"])}</div>')
+    alternatives = [
+        f'{_esc(c)} <span class="score">{float(s):.3f}</span>' for c, s in row.get("alternatives") or []
+    ]
+    if alternatives:
+        parts.append(_list_html("ol", alternatives))
+    return "".join(parts)
+
+
+def _list_html(tag: str, items: list[str]) -> str:
+    return f"<{tag}>" + "".join(f"<li>{item}</li>" for item in items) + f"</{tag}>" if items else ""
+
+
+def _thumbnail_html(image: str) -> str:
+    data = _thumbnail(image)
+    if data is None:
+        return '<div class="missing">image unavailable</div>'
+    return f'<img src="data:image/jpeg;base64,{data}" alt="{_esc(Path(image).name)}">'
+
+
+def _thumbnail(image: str) -> str | None:
+    """A base64 JPEG at most THUMBNAIL_PX on a side, or None when the image cannot be read."""
+    try:
+        with Image.open(image) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=85)
+    except Exception:  # a report must never fail on one bad file: missing, truncated, not an image, too big
+        return None
+    return base64.b64encode(buf.getvalue()).decode("ascii")
