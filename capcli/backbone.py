@@ -123,8 +123,15 @@ def load_state_dict_file(module: torch.nn.Module, path: str, backbone: str) -> N
     try:
         module.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CapcliError(f"weights file '{path}' does not fit {backbone}: {first}") from exc
+        raise CapcliError(f"weights file '{path}' does not fit {backbone}: {_first_problem(exc)}") from exc
+
+
+def _first_problem(exc: BaseException, limit: int = 300) -> str:
+    """torch's load_state_dict message is a header line, then one line per problem: the first one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    details = [line for line in lines if not line.startswith("Error(s) in loading state_dict")]
+    first = (details or lines or [type(exc).__name__])[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def download_failed(backbone: str, exc: BaseException) -> CapcliError:

@@ -94,6 +94,227 @@ def backbones(
     out.print(table)
 
 
+
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Weights = Annotated[str, typer.Option(help="'imagenet' (download), 'none' (random) or a state-dict path.")]
+
+
+@app.command()
+def features(
+    backbone: Annotated[str, typer.Option(help="Backbone plugin name (see capcli backbones).")],
+    dataset: Annotated[str, typer.Option(help="synthetic, flickr8k, flickr30k or a path.")] = "synthetic",
+    images: Annotated[str | None, typer.Option(help="Image folder, when apart from the annotations.")] = None,
+    weights: Weights = "imagenet",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: up to 4).")] = None,
+    device: Device = "auto",
+) -> None:
+    """Extract and cache backbone features for a dataset (resumable; a second run is a no-op)."""
+    from capcli.data.readers import load_dataset
+    from capcli.features import extract
+    from capcli.registry import get_backbone
+
+    spec = get_backbone(backbone)
+    ds = load_dataset(dataset, images=images)
+    cache = extract(spec, ds, weights, batch_size, workers, device)
+    out.print(f"{len(cache.images)} images, {spec.feature_dim}-d float16 features in {cache.path}")
+    if cache.failed:
+        err.print(f"{len(cache.failed)} images could not be read and were skipped:")
+        for name, reason in list(cache.failed.items())[:20]:
+            err.print(f"  {name}: {reason}")
+
+
+@app.command()
+def train(
+    backbone: Annotated[str, typer.Option(help="Backbone plugin name (see capcli backbones).")],
+    dataset: Annotated[str, typer.Option(help="synthetic, flickr8k, flickr30k or a path.")] = "synthetic",
+    images: Annotated[str | None, typer.Option(help="Image folder, when apart from the annotations.")] = None,
+    weights: Weights = "imagenet",
+    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
+    lr_keep_epochs: Annotated[int, typer.Option(help="Epochs at the initial LR before decay.")] = 3,
+    lr_decay: Annotated[float, typer.Option(help="LR factor per epoch after that.")] = 0.9,
+    patience: Annotated[int, typer.Option(help="Early stop after this many epochs without improvement.")] = 3,
+    threshold: Annotated[int, typer.Option(help="Min word count for the vocabulary.")] = 5,
+    max_len: Annotated[int, typer.Option(help="Max caption words.")] = 20,
+    embed_dim: int = 256,
+    hidden_dim: int = 512,
+    num_layers: int = 1,
+    dropout: float = 0.3,
+    out: Annotated[str | None, typer.Option(help="Run directory (default runs/BACKBONE).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    device: Device = "auto",
+    seed: int = 0,
+    workers: Annotated[int | None, typer.Option(help="Feature-extraction workers.")] = None,
+) -> None:
+    """Train the LSTM caption decoder on cached backbone features (extracted first if needed)."""
+    from capcli.train import TrainConfig
+    from capcli.train import train as run_training
+
+    cfg = TrainConfig(
+        backbone=backbone, dataset=dataset, images=images, weights=weights, out=out, epochs=epochs,
+        batch_size=batch_size, lr=lr, lr_keep_epochs=lr_keep_epochs, lr_decay=lr_decay, patience=patience,
+        threshold=threshold, max_len=max_len, embed_dim=embed_dim, hidden_dim=hidden_dim,
+        num_layers=num_layers, dropout=dropout, resume=resume, device=device, seed=seed, workers=workers,
+    )
+    run_dir = run_training(cfg)
+    out_console_summary(run_dir)
+
+
+def out_console_summary(run_dir) -> None:
+    import json
+
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best = min(history, key=lambda h: h["val_loss"])
+    out.print(
+        f"run {run_dir}: best epoch {best['epoch']} (val loss {best['val_loss']:.3f}, "
+        f"BLEU-4 {best['val_bleu4']:.1f}, CIDEr {best['val_cider']:.1f}); best.pt holds its weights"
+    )
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[str, typer.Argument(help="Run directory or checkpoint file.")],
+    out_dir: Annotated[str | None, typer.Option("--out", help="Bundle folder (default exported/RUN).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    images: Annotated[list[str] | None, typer.Option("--images", help="Images for the parity check.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+) -> None:
+    """Export a run to an ONNX bundle (encoder + one-step decoder), checked against PyTorch."""
+    import json
+    from pathlib import Path
+
+    from capcli.export import export
+
+    bundle_dir = export(run, out_dir, opset, [Path(p) for p in images] if images else None, force)
+    parity = json.loads((bundle_dir / "capcli.json").read_text())["parity"]
+    out.print(
+        f"bundle {bundle_dir}: parity encoder {parity['encoder_max_abs_diff']:.1e}, "
+        f"step {parity['step_log_probs_max_abs_diff']:.1e}, greedy captions equal: {parity['greedy_captions_equal']}"
+    )
+
+
+@app.command()
+def caption(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    model: Annotated[str, typer.Option(help="Bundle folder (onnx) or run dir / bundle (torch).")] = "exported/demo",
+    runtime: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
+    beam_size: Annotated[int, typer.Option(min=1, help="1 = greedy.")] = 3,
+    beams: Annotated[int, typer.Option(min=1, help="Alternatives to show per image (with beam search).")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    provider: Annotated[str, typer.Option(help="ONNX Runtime provider: auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="PyTorch device for --runtime torch.")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    html: Annotated[str | None, typer.Option(help="Also write an HTML report here.")] = None,
+) -> None:
+    """Caption images with an exported bundle (ONNX Runtime) or a run (PyTorch)."""
+    import json
+
+    from capcli.caption import caption_images, open_captioner
+    from capcli.images import expand_image_args
+
+    paths, problems = expand_image_args(images)
+    for p in problems:
+        err.print(f"[red]error:[/red] {p}", markup=True)
+    captioner = open_captioner(model, runtime=runtime, provider=provider, device=device)
+
+    def show(r) -> None:
+        if r.error:
+            err.print(f"[red]error:[/red] {r.error}", markup=True)
+        elif as_json:
+            out.print(json.dumps(r.to_dict()), markup=False)
+
+    results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size,
+                             n_best=max(beams, 1), on_result=show)
+    if not as_json:
+        from rich.table import Table
+
+        table = Table(title=f"captions ({captioner.runtime}, {'greedy' if beam_size == 1 else f'beam {beam_size}'})")
+        table.add_column("image", overflow="fold")
+        table.add_column("caption", overflow="fold")
+        table.add_column("score", justify="right")
+        for r in results:
+            if r.error is None:
+                extra = "".join(f"\n  [dim]{c} ({s:.2f})[/dim]" for c, s in r.alternatives[1:])
+                table.add_row(r.image, r.caption + extra, f"{r.score:.3f}")
+        out.print(table)
+    if html:
+        from capcli.report import write_html
+
+        rows = [{"image": r.image, "caption": r.caption or "", "score": r.score, "error": r.error,
+                 "alternatives": [list(a) for a in r.alternatives[1:]]} for r in results]
+        out.print(f"report: {write_html(html, rows, title='capcli captions')}")
+    if problems or any(r.error for r in results):
+        raise typer.Exit(1)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Annotated[str, typer.Argument(help="Bundle folder (onnx) or run directory (torch).")],
+    dataset: Annotated[str | None, typer.Option(help="Dataset (default: the one the model was trained on).")] = None,
+    images: Annotated[str | None, typer.Option(help="Image folder, when apart from the annotations.")] = None,
+    split: str = "test",
+    beam_size: Annotated[int, typer.Option(min=1)] = 3,
+    runtime: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
+    provider: str = "auto",
+    device: str = "cpu",
+    limit: Annotated[int | None, typer.Option(help="Caption only the first N images.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+    out_file: Annotated[str | None, typer.Option("--out", help="Where to write captions + scores (JSON).")] = None,
+) -> None:
+    """Score generated captions on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100)."""
+    import json
+
+    from capcli.evaluate import evaluate
+
+    report = evaluate(model, dataset, images, split, beam_size, runtime, provider, device, limit=limit,
+                      out=out_file)
+    if as_json:
+        out.print(json.dumps({k: v for k, v in report.items() if k != "captions"}), markup=False)
+        return
+    print_scores(report)
+
+
+def print_scores(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report['dataset']} {report['split']} · {report['images']} images · "
+                        f"beam {report['beam_size']} · {report['runtime']} · tokenizer {report['tokenizer']}")
+    table.add_column("metric")
+    table.add_column("score (0-100)", justify="right")
+    for name, value in report["scores"].items():
+        table.add_row(name, f"{value:.1f}")
+    if report.get("colour_shape_correct") is not None:
+        table.add_row("colour+shape correct %", f"{report['colour_shape_correct']:.1f}")
+    out.print(table)
+    for s in report.get("skipped", []):
+        err.print(f"skipped: {s}")
+    out.print(f"captions and scores written to {report['out']}")
+
+
+@app.command()
+def demo(
+    images: Annotated[int, typer.Option(help="Synthetic images to generate.")] = 1500,
+    epochs: Annotated[int, typer.Option(help="Training epochs (early stopping may end sooner).")] = 15,
+    out_dir: Annotated[str, typer.Option("--out", help="Bundle folder.")] = "exported/demo",
+    run_dir: Annotated[str, typer.Option("--run", help="Run directory.")] = "runs/demo",
+) -> None:
+    """Offline end to end: synthetic data, efficientnet_lite0 features, train, export, caption, evaluate."""
+    from capcli.demo import run_demo
+
+    run_demo(n_images=images, epochs=epochs, bundle=out_dir, run=run_dir)
+
+
+def _add_data_commands() -> None:
+    from capcli.cli_data import app as data_app
+
+    app.add_typer(data_app, name="data")
+
+
+_add_data_commands()
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,63 @@
+"""Checkpoints that carry everything needed to rebuild a decoder, loaded with weights_only=True."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from capcli.errors import CapcliError
+from capcli.model import CaptionDecoder, DecoderConfig
+
+FORMAT = "capcli-checkpoint/1"
+
+
+def save(path: Path, payload: dict) -> None:
+    """Atomic torch.save: temp file beside, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"format": FORMAT, **payload}, tmp)
+    tmp.replace(path)
+
+
+def resolve(path: str | Path) -> Path:
+    """A run directory (-> its best.pt) or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CapcliError(f"no checkpoint at '{path}' (give a run directory or a .pt file)")
+    return path
+
+
+def load(path: str | Path) -> dict:
+    path = resolve(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CapcliError(f"cannot read checkpoint '{path}': {type(exc).__name__}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CapcliError(f"'{path}' is not a capcli checkpoint (format {FORMAT} expected)")
+    return ckpt
+
+
+def build_decoder(ckpt: dict) -> CaptionDecoder:
+    decoder = CaptionDecoder(DecoderConfig(**ckpt["config"]))
+    decoder.load_state_dict(ckpt["model"])
+    return decoder.eval()
+
+
+def check_matches(ckpt: dict, backbone_name: str, feature_dim: int, vocab_sha256: str | None = None) -> None:
+    """A clear error when a checkpoint meets a backbone or vocabulary it was not trained with."""
+    if ckpt["backbone"] != backbone_name:
+        raise CapcliError(
+            f"checkpoint was trained on backbone '{ckpt['backbone']}', not '{backbone_name}'"
+        )
+    if ckpt["config"]["feature_dim"] != feature_dim:
+        raise CapcliError(
+            f"checkpoint expects {ckpt['config']['feature_dim']}-d features, backbone gives {feature_dim}"
+        )
+    if vocab_sha256 is not None and ckpt["vocab_sha256"] != vocab_sha256:
+        raise CapcliError(
+            "checkpoint vocabulary differs from this dataset's (vocab hash "
+            f"{ckpt['vocab_sha256'][:12]} vs {vocab_sha256[:12]}); use the dataset and threshold it was trained on"
+        )

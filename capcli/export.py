@@ -1,0 +1,238 @@
+"""Export a trained run to a self-contained ONNX bundle, checked against PyTorch before it is written.
+
+encoder.onnx: images [B,3,S,S] -> (h0, c0); decoder.onnx: (tokens [B], h, c) -> (log_probs, h', c').
+The graphs are exported with an example batch of 2 (a batch of 1 would silently fix the batch
+dimension) and every batch dimension is asserted symbolic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from capcli import __version__, bundle, checkpoint
+from capcli.console import err
+from capcli.errors import CapcliError
+from capcli.model import DecoderStep, Encoder
+from capcli.paths import atomic_write_json
+
+DEFAULT_OPSET = 18
+ENCODER_TOL = 1e-3  # max |h0,c0 torch - onnx|
+STEP_TOL = 2e-3  # max |log_probs torch - onnx| along a greedy path
+
+
+def _pkg_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _dynamic_dims(model_path: Path) -> dict[str, list]:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    dims = {}
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims[value.name] = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+    return dims
+
+
+def _export(module, args, path: Path, names_in, names_out, batch_axes: dict[str, int], opset: int) -> str:
+    """torch.export-based ONNX export with a symbolic batch; the TorchScript exporter if that fails."""
+    module.eval()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    shapes = tuple({batch_axes[n]: batch} for n in names_in)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+                input_names=names_in, output_names=names_out, verbose=False,
+            )
+            program.save(str(path), external_data=False)
+        return "torch.export"
+    except Exception as exc:  # some graphs only the TorchScript exporter handles
+        err.print(f"torch.export-based ONNX export failed ({type(exc).__name__}); using the TorchScript exporter")
+        axes = {n: {batch_axes[n]: "batch"} for n in list(names_in) + list(names_out)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, str(path), dynamo=False, dynamic_axes=axes, opset_version=opset,
+                input_names=names_in, output_names=names_out,
+            )
+        return "torchscript"
+
+
+def _check_graph(path: Path, batch_axes: dict[str, int]) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    for name, dims in _dynamic_dims(path).items():
+        axis = batch_axes.get(name)
+        if axis is not None and not isinstance(dims[axis], str):
+            raise CapcliError(f"export of {path.name} fixed the batch dimension of '{name}' to {dims[axis]}")
+
+
+def parity_images(ckpt: dict, images: list[Path] | None, count: int = 4) -> list[Path]:
+    """Real images for the parity check: the given ones, or a few from the run's test split."""
+    if images:
+        return images
+    from capcli.data.readers import load_dataset
+
+    tc = ckpt["train_config"]
+    try:
+        ds = load_dataset(tc["dataset"], images=tc.get("images"), seed=tc.get("seed", 0))
+    except CapcliError as exc:
+        raise CapcliError(f"cannot find the run's dataset for the parity check ({exc}); pass --images") from None
+    names = [n for n in (ds.splits["test"] or ds.images) if ds.image_path(n).is_file()][:count]
+    return [ds.image_path(n) for n in names]
+
+
+def _parity(tmp: Path, encoder: Encoder, step_module: DecoderStep, batch: np.ndarray, vocab, max_len: int) -> dict:
+    """Compare ONNX Runtime with PyTorch on real inputs: states, step log-probs, greedy captions."""
+    import onnxruntime as ort
+
+    from capcli.decode import greedy
+    from capcli.runtime_onnx import OnnxStep
+    from capcli.runtime_torch import TorchStep
+
+    enc = ort.InferenceSession(str(tmp / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(tmp / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        h_t, c_t = (x.numpy() for x in encoder(torch.from_numpy(batch)))
+    h_o, c_o = enc.run(None, {"images": batch})
+    enc_diff = float(max(np.abs(h_t - h_o).max(), np.abs(c_t - c_o).max()))
+    torch_step, onnx_step = TorchStep(step_module.decoder), OnnxStep(dec)
+    state, tokens, step_diff = (h_t, c_t), np.full(len(batch), vocab.start_id, dtype=np.int64), 0.0
+    for _ in range(max_len):  # same inputs to both, along PyTorch's greedy path
+        lp_t, next_state = torch_step(tokens, state)
+        lp_o, _ = onnx_step(tokens, state)
+        step_diff = max(step_diff, float(np.abs(lp_t - lp_o).max()))
+        tokens, state = lp_t.argmax(1).astype(np.int64), next_state
+    caps_t = [h.tokens for h in greedy(torch_step, (h_t, c_t), vocab.start_id, vocab.end_id, max_len)]
+    caps_o = [h.tokens for h in greedy(onnx_step, (h_o, c_o), vocab.start_id, vocab.end_id, max_len)]
+    return {
+        "images": len(batch),
+        "encoder_max_abs_diff": enc_diff,
+        "step_log_probs_max_abs_diff": step_diff,
+        "greedy_captions_equal": caps_t == caps_o,
+        "tolerance": {"encoder": ENCODER_TOL, "step_log_probs": STEP_TOL},
+    }
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not (out / bundle.MANIFEST).is_file() and any(out.iterdir()):
+        raise CapcliError(f"'{out}' exists and is not a capcli bundle; choose another --out")
+    if (out / bundle.MANIFEST).is_file() and not force:
+        raise CapcliError(f"bundle '{out}' already exists; use --force to replace it")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace `out` with the finished folder; the old bundle survives until the new one is in place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(
+    run: str | Path,
+    out: str | Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    images: list[Path] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write the bundle for a run (its best checkpoint); returns the bundle folder."""
+    from capcli.data.text import Vocabulary
+    from capcli.images import load_input
+    from capcli.registry import get_backbone
+
+    ckpt_path = checkpoint.resolve(run)
+    ckpt = checkpoint.load(ckpt_path)
+    out = Path(out) if out else Path("exported") / ckpt_path.parent.name
+    _prepare_out(out, force)
+    spec = get_backbone(ckpt["backbone"])
+    checkpoint.check_matches(ckpt, spec.name, spec.feature_dim)
+    decoder = checkpoint.build_decoder(ckpt)
+    encoder = Encoder(spec.build(ckpt["weights"]), decoder).eval()
+    step = DecoderStep(decoder).eval()
+    vocab = Vocabulary.from_json(ckpt["vocab"])
+
+    real = [load_input(p, spec.preprocessing) for p in parity_images(ckpt, images)]
+    if len(real) < 2:
+        raise CapcliError("the parity check needs at least 2 readable images; pass --images")
+    batch = np.stack(real).astype(np.float32)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        s = spec.input_size
+        example_images = torch.from_numpy(batch[:2])  # batch of 2: keeps the batch dim symbolic
+        exporter = _export(encoder, (example_images,), tmp / "encoder.onnx", ["images"], ["h0", "c0"],
+                           {"images": 0, "h0": 1, "c0": 1}, opset)
+        with torch.inference_mode():
+            h0, c0 = encoder(example_images)
+        tokens = torch.full((2,), vocab.start_id, dtype=torch.long)
+        _export(step, (tokens, h0.clone(), c0.clone()), tmp / "decoder.onnx", ["tokens", "h", "c"],
+                ["log_probs", "h_out", "c_out"], {"tokens": 0, "h": 1, "c": 1, "log_probs": 0, "h_out": 1,
+                                                  "c_out": 1}, opset)
+        _check_graph(tmp / "encoder.onnx", {"images": 0, "h0": 1, "c0": 1})
+        _check_graph(tmp / "decoder.onnx", {"tokens": 0, "h": 1, "c": 1, "log_probs": 0, "h_out": 1, "c_out": 1})
+        parity = _parity(tmp, encoder, step, batch, vocab, int(ckpt["max_len"]))
+        if parity["encoder_max_abs_diff"] > ENCODER_TOL or parity["step_log_probs_max_abs_diff"] > STEP_TOL:
+            raise CapcliError(
+                f"ONNX graphs disagree with PyTorch (encoder {parity['encoder_max_abs_diff']:.2e}, "
+                f"step {parity['step_log_probs_max_abs_diff']:.2e}); bundle not written"
+            )
+        atomic_write_json(tmp / "vocab.json", vocab.to_json())
+        manifest = {
+            "format": bundle.FORMAT,
+            "format_version": bundle.FORMAT_VERSION,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "backbone": spec.name,
+            "weights": ckpt["weights"],
+            "feature_dim": spec.feature_dim,
+            "preprocessing": spec.preprocessing.to_dict(),
+            "input_size": s,
+            "special_tokens": {"pad": vocab.pad_id, "start": vocab.start_id, "end": vocab.end_id,
+                               "unk": vocab.unk_id},
+            "vocab_size": len(vocab),
+            "vocab_sha256": vocab.sha256,
+            "max_len": int(ckpt["max_len"]),
+            "decoder": ckpt["config"],
+            "files": {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "vocab": "vocab.json"},
+            "io": {
+                "encoder": {"inputs": {"images": ["batch", 3, s, s]}, "outputs": ["h0", "c0"]},
+                "decoder": {"inputs": {"tokens": ["batch"], "h": ["layers", "batch", "hidden"],
+                                       "c": ["layers", "batch", "hidden"]},
+                            "outputs": ["log_probs", "h_out", "c_out"]},
+            },
+            "opset": opset,
+            "exporter": exporter,
+            "versions": {name: _pkg_version(name) for name in ("capcli", "torch", "onnx", "onnxruntime")},
+            "capcli_version": __version__,
+            "dataset": {"spec": ckpt["train_config"]["dataset"], "images": ckpt["train_config"].get("images"),
+                        "seed": ckpt["train_config"]["seed"], "fingerprint": ckpt.get("dataset_fingerprint")},
+            "parity": parity,
+            "source_checkpoint": str(ckpt_path.resolve()),
+            "source_checkpoint_sha256": bundle.sha256_file(ckpt_path),
+            "sha256": bundle.hash_files(tmp),
+        }
+        atomic_write_json(tmp / bundle.MANIFEST, manifest)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

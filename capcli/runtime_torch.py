@@ -1,0 +1,75 @@
+"""Captioning with PyTorch eager: a run directory (or a bundle's source checkpoint) in, captions out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from capcli import checkpoint
+from capcli.backbone import Preprocessing
+from capcli.model import CaptionDecoder, DecoderStep
+
+
+class TorchStep:
+    """The decode Step interface over DecoderStep: numpy in, numpy out."""
+
+    def __init__(self, decoder: CaptionDecoder, device: str = "cpu"):
+        self.step = DecoderStep(decoder).eval()
+        self.device = device
+
+    @torch.inference_mode()
+    def __call__(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]):
+        h, c = (torch.from_numpy(np.ascontiguousarray(s)).to(self.device) for s in state)
+        log_probs, h, c = self.step(torch.from_numpy(tokens).to(self.device), h, c)
+        return log_probs.float().cpu().numpy(), (h.float().cpu().numpy(), c.float().cpu().numpy())
+
+
+class TorchCaptioner:
+    """Encoder (backbone + state init) and step in PyTorch, sharing the Captioner interface with ONNX."""
+
+    runtime = "torch"
+
+    def __init__(self, source: str | Path, device: str = "cpu", weights: str | None = None):
+        from capcli.data.text import Vocabulary
+        from capcli.registry import get_backbone
+
+        ckpt = checkpoint.load(_checkpoint_of(source))
+        self.backbone_spec = get_backbone(ckpt["backbone"])
+        checkpoint.check_matches(ckpt, self.backbone_spec.name, self.backbone_spec.feature_dim)
+        self.decoder = checkpoint.build_decoder(ckpt).to(device)
+        self.backbone = self.backbone_spec.build(weights or ckpt["weights"]).to(device)
+        self.vocab = Vocabulary.from_json(ckpt["vocab"])
+        self.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
+        self.max_len = int(ckpt["max_len"])
+        self.device = device
+        self.step = TorchStep(self.decoder, device)
+        self.checkpoint = ckpt
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed images [B,3,S,S] float32 -> initial state (h0, c0)."""
+        features = self.backbone(torch.from_numpy(images).to(self.device))
+        h, c = self.decoder.init_state(features)
+        return h.float().cpu().numpy(), c.float().cpu().numpy()
+
+
+def _checkpoint_of(source: str | Path) -> Path:
+    """A run dir, a checkpoint, or a bundle whose capcli.json names its source checkpoint."""
+    import json
+
+    source = Path(source)
+    manifest = source / "capcli.json"
+    if manifest.is_file():
+        meta = json.loads(manifest.read_text())
+        src = meta.get("source_checkpoint")
+        candidates = [Path(src)] if src else []
+        candidates.append(source / "checkpoint.pt")
+        for cand in candidates:
+            if cand.is_file():
+                return cand
+        from capcli.errors import CapcliError
+
+        raise CapcliError(f"bundle '{source}' has no source checkpoint here; use --runtime onnx or give the run dir")
+    return checkpoint.resolve(source)

@@ -1,0 +1,171 @@
+"""A reusable contract check for backbone plugins: call `check_backbone` from your plugin's tests.
+
+    from capcli.testing import check_backbone
+    from my_plugin import backbone
+
+    def test_contract():
+        check_backbone(backbone, image_size=64)  # random weights, small input: fast
+
+Every violation raises AssertionError with a message naming the backbone and what is wrong.
+Importing this module does not import torch; running the check does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from capcli.backbone import Backbone
+
+if TYPE_CHECKING:
+    import torch
+
+INPUT_SEED = 1234
+
+
+def check_backbone(
+    backbone: Backbone,
+    weights: str = "none",
+    batch_size: int = 2,
+    image_size: int | None = None,
+    atol: float = 1e-4,
+) -> None:
+    """Check a backbone against the plugin contract; AssertionError on the first violation.
+
+    - metadata: name, feature_dim > 0, preprocessing (sizes, 3-channel mean/std, interpolation);
+    - `build(weights)` returns an `nn.Module` in eval mode;
+    - a float batch [B,3,S,S] gives features [B, feature_dim], float32, finite, input-dependent;
+    - batch independence: each sample's features alone equal its row in the batch (within atol,
+      relative to the features' scale);
+    - eval determinism: two runs on the same batch agree; the forward runs without autograd.
+
+    `image_size` defaults to the backbone's input_size. A smaller one keeps tests fast where the
+    architecture allows it (global pooling makes the feature size independent of S); it must be
+    large enough for every downsampling stage: Inception v3 needs S >= 75.
+    """
+    check_metadata(backbone)
+    _require(batch_size >= 1, backbone, f"batch_size must be >= 1, got {batch_size}")
+    size = image_size if image_size is not None else backbone.input_size
+    module = _check_build(backbone, weights)
+    batch = _random_batch(batch_size, size)
+    features = _forward(module, batch, backbone)
+    _check_features(features, backbone, batch_size)
+    _check_batch_independence(module, batch, features, backbone, atol)
+    again = _forward(module, batch, backbone)
+    _require(_close(again, features, atol), backbone, f"two eval runs differ ({_max_diff(again, features)})")
+
+
+def check_metadata(backbone: Backbone) -> None:
+    """The parts of the contract that need no torch: what `capcli backbones` lists."""
+    _require(isinstance(backbone, Backbone), backbone, f"is a {type(backbone).__name__}, not a Backbone")
+    name = backbone.name
+    _require(isinstance(name, str) and name.strip() == name and name != "", backbone, "needs a name")
+    _require(not any(c in name for c in " /\\,"), backbone, f"name '{name}' has a space, slash or comma")
+    dim = backbone.feature_dim
+    _require(isinstance(dim, int) and dim > 0, backbone, f"feature_dim must be an int > 0, got {dim!r}")
+    _require(callable(backbone.builder), backbone, "builder is not callable")
+    _require(isinstance(backbone.weights_source, str), backbone, "weights_source must be a str")
+    _require(isinstance(backbone.description, str), backbone, "description must be a str")
+    _check_preprocessing(backbone)
+
+
+def _check_preprocessing(backbone: Backbone) -> None:
+    from capcli.images import _RESAMPLE  # the interpolations the image pipeline can apply
+
+    prep = backbone.preprocessing
+    size, resize = prep.input_size, prep.resize
+    _require(isinstance(size, int) and size > 0, backbone, f"input_size must be an int > 0, got {size!r}")
+    _require(
+        isinstance(resize, int) and resize >= size,
+        backbone,
+        f"resize (shorter side before the crop) must be an int >= input_size {size}, got {resize!r}",
+    )
+    for field in ("mean", "std"):
+        values = getattr(prep, field)
+        _require(
+            len(values) == 3 and all(isinstance(v, int | float) and math.isfinite(v) for v in values),
+            backbone,
+            f"{field} must be 3 finite numbers (R, G, B), got {values!r}",
+        )
+    _require(all(s > 0 for s in prep.std), backbone, f"std must be > 0, got {prep.std!r}")
+    _require(
+        prep.interpolation in _RESAMPLE,
+        backbone,
+        f"interpolation '{prep.interpolation}' unknown; one of {sorted(_RESAMPLE)}",
+    )
+
+
+def _check_build(backbone: Backbone, weights: str) -> torch.nn.Module:
+    from torch import nn
+
+    module = backbone.build(weights)
+    _require(isinstance(module, nn.Module), backbone, f"build() gave {type(module).__name__}, not nn.Module")
+    training = [name or "<root>" for name, m in module.named_modules() if m.training]
+    _require(not training, backbone, f"build() must return eval mode; training: {training[:5]}")
+    return module
+
+
+def _random_batch(batch_size: int, size: int) -> torch.Tensor:
+    """Seeded N(0,1) images: the scale of normalised pixels, without touching the global RNG."""
+    import torch
+
+    gen = torch.Generator().manual_seed(INPUT_SEED)
+    return torch.randn(batch_size, 3, size, size, generator=gen, dtype=torch.float32)
+
+
+def _forward(module: torch.nn.Module, batch: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+    import torch
+
+    # inference_mode: feature extraction must not need autograd (it fails here if it does).
+    with torch.inference_mode():
+        try:
+            out = module(batch)
+        except Exception as exc:
+            shape = tuple(batch.shape)
+            raise AssertionError(
+                f"backbone '{backbone.name}': forward on {shape} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+    _require(isinstance(out, torch.Tensor), backbone, f"forward gave {type(out).__name__}, not a Tensor")
+    return out
+
+
+def _check_features(features: torch.Tensor, backbone: Backbone, batch_size: int) -> None:
+    import torch
+
+    shape, expected = tuple(features.shape), (batch_size, backbone.feature_dim)
+    _require(shape == expected, backbone, f"features {shape}, expected {expected}")
+    _require(features.dtype == torch.float32, backbone, f"features are {features.dtype}, expected float32")
+    _require(bool(torch.isfinite(features).all()), backbone, "features contain NaN or inf")
+    _require(not features.requires_grad, backbone, "features require grad")
+    if batch_size >= 2:
+        _require(not torch.equal(features[0], features[1]), backbone, "features do not depend on the input")
+
+
+def _check_batch_independence(
+    module: torch.nn.Module, batch: torch.Tensor, features: torch.Tensor, backbone: Backbone, atol: float
+) -> None:
+    for i in range(batch.shape[0]):
+        alone = _forward(module, batch[i : i + 1], backbone)
+        _require(
+            _close(alone[0], features[i], atol),
+            backbone,
+            f"sample {i} alone differs from its row in the batch ({_max_diff(alone[0], features[i])}); "
+            "does the module mix samples (e.g. BatchNorm in training mode)?",
+        )
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
+    # Tolerance scales with the features' magnitude: batched and single convolutions may take
+    # different kernels, whose rounding differs in proportion to the values.
+    scale = max(1.0, float(b.abs().max()))
+    return bool((a - b).abs().max() <= atol * scale)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    return f"max abs difference {float((a - b).abs().max()):.3g}, feature scale {float(b.abs().max()):.3g}"
+
+
+def _require(condition: bool, backbone: object, message: str) -> None:
+    if not condition:
+        name = getattr(backbone, "name", repr(backbone))
+        raise AssertionError(f"backbone '{name}': {message}")

@@ -1,0 +1,352 @@
+"""Training the caption decoder on cached features: one plain loop, read top to bottom.
+
+Whole captions go through the LSTM in one forward with teacher forcing; the loss ignores padding.
+Run under `torchrun -m capcli train ...` it becomes DistributedDataParallel (NCCL on GPU, gloo on
+CPU): every rank takes its share of each epoch's shuffled captions and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from capcli import checkpoint
+from capcli.console import err, progress
+from capcli.errors import CapcliError
+from capcli.model import CaptionDecoder, DecoderConfig
+from capcli.paths import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class TrainConfig:
+    backbone: str
+    dataset: str = "synthetic"
+    images: str | None = None
+    weights: str = "imagenet"
+    out: str | None = None
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_keep_epochs: int = 3  # constant LR for this many epochs, then x lr_decay per epoch
+    lr_decay: float = 0.9
+    clip_norm: float = 1.0
+    patience: int = 3
+    threshold: int = 5
+    max_len: int = 20
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.3
+    val_sample: int = 200  # images captioned (greedy) per epoch for BLEU-4 / CIDEr
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None
+    feature_batch_size: int = 32
+    resume: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class CaptionTable:
+    """Encoded captions of one split: feature row per caption and padded token ids."""
+
+    rows: torch.Tensor  # [M] int64 index into the feature array
+    tokens: torch.Tensor  # [M, T] int64, <start> ... <end> <pad>...
+    images: list[str]  # the split's usable images, for generation
+    references: dict[str, list[str]]
+
+
+def encode_split(ds, split: str, vocab, cache, max_len: int) -> CaptionTable:
+    row_of = cache.row_index()
+    rows, seqs, images, refs = [], [], [], {}
+    for image in ds.splits[split]:
+        if image in cache.failed or image not in row_of:
+            continue
+        images.append(image)
+        refs[image] = ds.captions[image]
+        for caption in ds.captions[image]:
+            rows.append(row_of[image])
+            seqs.append(vocab.encode(caption, max_len=max_len))
+    if not seqs:
+        raise CapcliError(f"the {split} split has no usable captions")
+    tokens = torch.full((len(seqs), max(map(len, seqs))), vocab.pad_id, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        tokens[i, : len(seq)] = torch.tensor(seq)
+    return CaptionTable(torch.tensor(rows), tokens, images, refs)
+
+
+# --- distributed -----------------------------------------------------------------------------
+
+
+def setup_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), world
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def all_equal_checksums(model: torch.nn.Module, world: int) -> list[float]:
+    """Sum of all parameters on every rank: DDP ranks must hold identical weights."""
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    if world == 1:
+        return [total.item()]
+    gathered = [torch.zeros_like(total) for _ in range(world)]
+    torch.distributed.all_gather(gathered, total.to(next(model.parameters()).device))
+    return [g.item() for g in gathered]
+
+
+# --- one epoch -------------------------------------------------------------------------------
+
+
+def batches_for_rank(n: int, batch_size: int, epoch_seed: int, rank: int, world: int) -> list[torch.Tensor]:
+    """This rank's batches of caption indices; every rank gets the same number of batches."""
+    g = torch.Generator().manual_seed(epoch_seed)
+    perm = torch.randperm(n, generator=g)
+    per_rank = n // world
+    mine = perm[rank * per_rank : (rank + 1) * per_rank] if world > 1 else perm
+    return list(mine.split(batch_size))
+
+
+def caption_loss(model, features: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]; padding ignored."""
+    logits = model(features, tokens[:, :-1])
+    targets = tokens[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id)
+    return loss, int((targets != pad_id).sum())
+
+
+def trim(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop all-padding columns so a batch costs only its longest caption."""
+    width = int((tokens != pad_id).sum(1).max())
+    return tokens[:, :width]
+
+
+def run_epoch(model, table, feats, opt, cfg, epoch, rank, world, device, bar, task) -> dict:
+    model.train()
+    amp = device.startswith("cuda")
+    pad = model.module.cfg.pad_id if hasattr(model, "module") else model.cfg.pad_id
+    batches = batches_for_rank(len(table.rows), cfg.batch_size, cfg.seed * 1000 + epoch, rank, world)
+    bar.reset(task, total=len(batches))
+    total_loss, total_tokens, start = 0.0, 0, time.perf_counter()
+    for idx in batches:
+        tokens = trim(table.tokens[idx], pad).to(device, non_blocking=True)
+        features = feats[table.rows[idx]].to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss, n_tokens = caption_loss(model, features, tokens, pad)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step()
+        total_loss += loss.item() * n_tokens
+        total_tokens += n_tokens
+        rate = total_tokens * world / (time.perf_counter() - start)
+        bar.update(task, advance=1, info=f"loss {loss.item():.3f}  {rate:,.0f} tok/s")
+    seconds = time.perf_counter() - start
+    return {"train_loss": total_loss / max(total_tokens, 1), "tokens_per_s": total_tokens * world / seconds,
+            "epoch_seconds": seconds}
+
+
+@torch.no_grad()
+def validation_loss(decoder, table, feats, device, batch_size: int = 256) -> float:
+    decoder.eval()
+    total, count = 0.0, 0
+    for idx in torch.arange(len(table.rows)).split(batch_size):
+        tokens = trim(table.tokens[idx], decoder.cfg.pad_id).to(device)
+        loss, n = caption_loss(decoder, feats[table.rows[idx]].to(device), tokens, decoder.cfg.pad_id)
+        total += loss.item() * n
+        count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generated_scores(decoder, table, feats, cache, vocab, sample: int, device) -> dict:
+    """BLEU-4 and CIDEr-D of greedy captions on a bounded, fixed sample of validation images."""
+    from capcli.decode import greedy
+    from capcli.metrics import score_captions
+    from capcli.runtime_torch import TorchStep
+
+    images = table.images[:sample]
+    row_of = cache.row_index()
+    feats_sel = feats[[row_of[i] for i in images]].to(device)
+    h, c = decoder.init_state(feats_sel)
+    hyps = greedy(TorchStep(decoder, device), (h.cpu().numpy(), c.cpu().numpy()), vocab.start_id, vocab.end_id)
+    candidates = {img: vocab.decode(h.tokens) for img, h in zip(images, hyps, strict=True)}
+    scores = score_captions({i: table.references[i] for i in images}, candidates, meteor=False, tokenizer="simple")
+    return {"val_bleu4": scores.values["BLEU-4"], "val_cider": scores.values["CIDEr-D"]}
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def lr_factor(cfg: TrainConfig):
+    return lambda epoch: 1.0 if epoch < cfg.lr_keep_epochs else cfg.lr_decay ** (epoch - cfg.lr_keep_epochs + 1)
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out or f"runs/{cfg.backbone}")
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        if (out / "last.pt").exists():
+            raise CapcliError(f"run directory '{out}' already holds a run; use --resume or another --out")
+        raise CapcliError(f"'{out}' exists and is not empty; choose another --out")
+    if cfg.resume and not (out / "last.pt").exists():
+        raise CapcliError(f"nothing to resume in '{out}' (no last.pt)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
+    """Train a decoder; returns the run directory (best.pt, last.pt, vocab.json, metrics, curves)."""
+    from capcli.data.readers import load_dataset
+    from capcli.data.text import build_vocabulary
+    from capcli.features import extract, load_features, resolve_device
+    from capcli.registry import get_backbone
+
+    device = resolve_device(cfg.device)
+    rank, world = setup_distributed(device)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    backbone = get_backbone(cfg.backbone)
+    ds = load_dataset(cfg.dataset, images=cfg.images, seed=cfg.seed)
+    out = prepare_run_dir(cfg) if rank == 0 else Path(cfg.out or f"runs/{cfg.backbone}")
+
+    if rank == 0:  # features are extracted once, by one process
+        extract(backbone, ds, cfg.weights, cfg.feature_batch_size, cfg.workers, device, show_progress)
+    barrier(world)
+    cache = load_features(backbone, cfg.weights, ds)
+    if cache.failed and rank == 0:
+        err.print(f"{len(cache.failed)} images could not be read and are left out (see {cache.path}/meta.json)")
+    feats = torch.from_numpy(np.array(cache.features))  # float16 copy in RAM; float32 per batch
+    if device.startswith("cuda"):
+        feats = feats.pin_memory()
+
+    resume_ckpt = checkpoint.load(out / "last.pt") if cfg.resume else None
+    vocab = build_vocabulary(ds, cfg.threshold)
+    if resume_ckpt is not None:
+        checkpoint.check_matches(resume_ckpt, backbone.name, backbone.feature_dim, vocab.sha256)
+    train_table = encode_split(ds, "train", vocab, cache, cfg.max_len)
+    val_table = encode_split(ds, "val", vocab, cache, cfg.max_len)
+
+    model_cfg = DecoderConfig(
+        feature_dim=backbone.feature_dim, vocab_size=len(vocab), embed_dim=cfg.embed_dim,
+        hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout, pad_id=vocab.pad_id,
+    )
+    decoder = CaptionDecoder(model_cfg).to(device)
+    opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    history: list[dict] = []
+    start_epoch, best_loss, stale = 0, math.inf, 0
+    if resume_ckpt is not None:
+        decoder.load_state_dict(resume_ckpt["model"])
+        opt.load_state_dict(resume_ckpt["optimizer"])
+        sched.load_state_dict(resume_ckpt["scheduler"])
+        start_epoch, best_loss, stale = resume_ckpt["epoch"] + 1, resume_ckpt["best_val_loss"], resume_ckpt["stale"]
+        history = resume_ckpt["history"]
+    model = decoder
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[device] if "cuda" in device else None)
+
+    if rank == 0:
+        vocab.save(out / "vocab.json")
+        atomic_write_json(out / "config.json", {"train": asdict(cfg), "model": model_cfg.to_dict(),
+                                                  "world_size": world, "features": str(cache.path)})
+
+    def payload(epoch: int) -> dict:
+        return {
+            "config": model_cfg.to_dict(), "model": decoder.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "epoch": epoch, "best_val_loss": best_loss, "stale": stale,
+            "history": history, "vocab": vocab.to_json(), "vocab_sha256": vocab.sha256,
+            "backbone": backbone.name, "weights": cfg.weights, "feature_dim": backbone.feature_dim,
+            "preprocessing": backbone.preprocessing.to_dict(), "max_len": cfg.max_len,
+            "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(), "train_config": asdict(cfg),
+        }
+
+    with progress(transient=not show_progress) as bar:
+        task = bar.add_task("train", total=1, info="")
+        for epoch in range(start_epoch, cfg.epochs):
+            bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs}")
+            stats = run_epoch(model, train_table, feats, opt, cfg, epoch, rank, world, device, bar, task)
+            stats.update(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
+            sched.step()
+            stats["val_loss"] = validation_loss(decoder, val_table, feats, device)
+            stats["param_checksums"] = all_equal_checksums(decoder, world)
+            if len(set(stats["param_checksums"])) != 1:
+                raise CapcliError(f"distributed ranks disagree on weights at epoch {epoch + 1}")
+            improved = stats["val_loss"] < best_loss - 1e-4
+            best_loss, stale = (stats["val_loss"], 0) if improved else (best_loss, stale + 1)
+            if rank == 0:
+                stats.update(generated_scores(decoder, val_table, feats, cache, vocab, cfg.val_sample, device))
+                stats["best"] = improved
+                history.append(stats)
+                if improved:
+                    checkpoint.save(out / "best.pt", payload(epoch))
+                checkpoint.save(out / "last.pt", payload(epoch))
+                write_metrics(out, history)
+                print_epoch(stats)
+            if stale >= cfg.patience:
+                if rank == 0:
+                    err.print(f"early stop: no validation improvement for {cfg.patience} epochs")
+                break
+    barrier(world)
+    if rank == 0:
+        plot_curves(out, history)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return out
+
+
+def print_epoch(s: dict) -> None:
+    err.print(
+        f"epoch {s['epoch']:>3}  train {s['train_loss']:.3f}  val {s['val_loss']:.3f}  "
+        f"BLEU-4 {s['val_bleu4']:.1f}  CIDEr {s['val_cider']:.1f}  {s['tokens_per_s']:,.0f} tok/s  "
+        f"lr {s['lr']:.2e}{'  *best' if s['best'] else ''}"
+    )
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+
+def plot_curves(out: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    ax_score.plot(epochs, [h["val_bleu4"] for h in history], label="BLEU-4")
+    ax_score.plot(epochs, [h["val_cider"] for h in history], label="CIDEr-D")
+    ax_score.set(xlabel="epoch", ylabel="score (0-100)", title="validation, greedy captions")
+    ax_score.legend()
+    fig.tight_layout()
+    tmp = out / ".curves.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    tmp.replace(out / "curves.png")

@@ -1,0 +1,74 @@
+"""capcli backbone plugin: Inception v3 from torchvision, 2048-d average-pooled features.
+
+Importing this module must stay torch-free (`capcli backbones` lists plugins without torch);
+torch and torchvision are imported inside the builder.
+
+Input normalisation: torchvision's ImageNet weights are Google's original ones, trained on
+inputs scaled to [-1, 1]. torchvision builds that model with `transform_input=True`: it takes
+inputs normalised with the ImageNet mean/std (like every other torchvision model) and re-maps
+them to [-1, 1] itself. We always build with `transform_input=True` and declare the ImageNet
+mean/std below, so the same preprocessing is right for 'imagenet', 'none' and a local file.
+The smallest input the architecture accepts is 75x75.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from capcli.backbone import Backbone, Preprocessing, download_failed, load_state_dict_file
+
+if TYPE_CHECKING:
+    from torch import nn
+
+NAME = "inceptionv3"
+MIN_INPUT_SIZE = 75
+
+
+def _imagenet_state_dict() -> dict[str, Any]:
+    """torchvision's IMAGENET1K_V1 weights through torch.hub's download cache ($TORCH_HOME)."""
+    import torch
+    from torchvision.models import Inception_V3_Weights
+
+    try:
+        return torch.hub.load_state_dict_from_url(
+            Inception_V3_Weights.IMAGENET1K_V1.url, progress=True, check_hash=True
+        )
+    except Exception as exc:  # offline, proxy, truncated download, bad hash: all one line
+        raise download_failed(NAME, exc) from exc
+
+
+def _drop_aux_logits(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-time hook: the auxiliary classifier only helps training, so its weights are ignored.
+
+    torchvision's checkpoint has them; a user's file may or may not, and either must load.
+    """
+    for key in [k for k in state_dict if k.startswith(prefix + "AuxLogits.")]:
+        del state_dict[key]
+
+
+def _build(weights: str) -> nn.Module:
+    from torch import nn
+    from torchvision.models import inception_v3
+
+    # Fetch first: an offline 'imagenet' fails before spending time on initialisation.
+    state = _imagenet_state_dict() if weights == "imagenet" else None
+    # No aux logits at inference; transform_input as the ImageNet weights expect (module docstring).
+    model = inception_v3(weights=None, aux_logits=False, transform_input=True, init_weights=True)
+    model.register_load_state_dict_pre_hook(_drop_aux_logits)
+    if state is not None:
+        model.load_state_dict(state)
+    elif weights != "none":
+        load_state_dict_file(model, weights, NAME)
+    # The head goes after loading, so a full-model state dict (fc included) fits.
+    model.fc = nn.Identity()
+    return model
+
+
+backbone = Backbone(
+    name=NAME,
+    feature_dim=2048,
+    preprocessing=Preprocessing(input_size=299, resize=342),
+    builder=_build,
+    weights_source="torchvision IMAGENET1K_V1 (download)",
+    description="Inception v3 (torchvision), 2048-d global average pool; transform_input, no aux logits",
+)

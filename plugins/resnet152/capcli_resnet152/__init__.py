@@ -1,0 +1,55 @@
+"""capcli backbone plugin: ResNet-152 from torchvision, 2048-d average-pooled features.
+
+Importing this module must stay torch-free (`capcli backbones` lists plugins without torch);
+torch and torchvision are imported inside the builder.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from capcli.backbone import Backbone, Preprocessing, download_failed, load_state_dict_file
+
+if TYPE_CHECKING:
+    from torch import nn
+
+NAME = "resnet152"
+
+
+def _imagenet_state_dict() -> dict[str, Any]:
+    """torchvision's IMAGENET1K_V1 weights through torch.hub's download cache ($TORCH_HOME)."""
+    import torch
+    from torchvision.models import ResNet152_Weights
+
+    try:
+        return torch.hub.load_state_dict_from_url(
+            ResNet152_Weights.IMAGENET1K_V1.url, progress=True, check_hash=True
+        )
+    except Exception as exc:  # offline, proxy, truncated download, bad hash: all one line
+        raise download_failed(NAME, exc) from exc
+
+
+def _build(weights: str) -> nn.Module:
+    from torch import nn
+    from torchvision.models import resnet152
+
+    # Fetch first: an offline 'imagenet' fails before spending time on initialisation.
+    state = _imagenet_state_dict() if weights == "imagenet" else None
+    model = resnet152(weights=None)
+    if state is not None:
+        model.load_state_dict(state)
+    elif weights != "none":
+        load_state_dict_file(model, weights, NAME)
+    # The head goes after loading, so a full-model state dict (fc included) fits.
+    model.fc = nn.Identity()
+    return model
+
+
+backbone = Backbone(
+    name=NAME,
+    feature_dim=2048,
+    preprocessing=Preprocessing(input_size=224, resize=256),
+    builder=_build,
+    weights_source="torchvision IMAGENET1K_V1 (download)",
+    description="ResNet-152 (torchvision), 2048-d global average pool",
+)

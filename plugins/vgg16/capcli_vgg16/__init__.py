@@ -1,0 +1,56 @@
+"""capcli backbone plugin: VGG-16 from torchvision, 4096-d fc7 features.
+
+Importing this module must stay torch-free (`capcli backbones` lists plugins without torch);
+torch and torchvision are imported inside the builder.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from capcli.backbone import Backbone, Preprocessing, download_failed, load_state_dict_file
+
+if TYPE_CHECKING:
+    from torch import nn
+
+NAME = "vgg16"
+
+
+def _imagenet_state_dict() -> dict[str, Any]:
+    """torchvision's IMAGENET1K_V1 weights (528 MB) through torch.hub's download cache ($TORCH_HOME)."""
+    import torch
+    from torchvision.models import VGG16_Weights
+
+    try:
+        return torch.hub.load_state_dict_from_url(
+            VGG16_Weights.IMAGENET1K_V1.url, progress=True, check_hash=True
+        )
+    except Exception as exc:  # offline, proxy, truncated download, bad hash: all one line
+        raise download_failed(NAME, exc) from exc
+
+
+def _build(weights: str) -> nn.Module:
+    from torchvision.models import vgg16
+
+    # Fetch first: an offline 'imagenet' fails before spending time on initialisation.
+    state = _imagenet_state_dict() if weights == "imagenet" else None
+    model = vgg16(weights=None)
+    if state is not None:
+        model.load_state_dict(state)
+    elif weights != "none":
+        load_state_dict_file(model, weights, NAME)
+    # fc7 = the classifier without its last Linear: Linear-ReLU-Dropout-Linear-ReLU-Dropout, i.e.
+    # the ReLU'd fc7 activations (the trailing Dropout is the identity in eval mode). Cut after
+    # loading, so a full-model state dict (fc8 included) fits.
+    model.classifier = model.classifier[:-1]
+    return model
+
+
+backbone = Backbone(
+    name=NAME,
+    feature_dim=4096,
+    preprocessing=Preprocessing(input_size=224, resize=256),
+    builder=_build,
+    weights_source="torchvision IMAGENET1K_V1 (download)",
+    description="VGG-16 (torchvision), 4096-d fc7 activations",
+)

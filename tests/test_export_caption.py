@@ -1,0 +1,155 @@
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from capcli import bundle
+from capcli.caption import caption_images, open_captioner
+from capcli.cli import app
+from capcli.data.readers import load_dataset
+from capcli.errors import CapcliError
+from capcli.export import export
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_run, tmp_path_factory):
+    return export(tiny_run, tmp_path_factory.mktemp("exported") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def test_images(small_synthetic):
+    ds = load_dataset(str(small_synthetic))
+    return [ds.image_path(n) for n in ds.splits["test"][:6]]
+
+
+def test_bundle_layout_and_manifest(tiny_bundle):
+    import onnx
+
+    names = {p.name for p in tiny_bundle.iterdir()}
+    assert {"encoder.onnx", "decoder.onnx", "vocab.json", "capcli.json"} <= names
+    meta = json.loads((tiny_bundle / "capcli.json").read_text())
+    assert meta["format_version"] == bundle.FORMAT_VERSION and meta["backbone"] == "efficientnet_lite0"
+    assert meta["preprocessing"]["input_size"] == 224 and meta["special_tokens"]["start"] == 1
+    assert set(meta["sha256"]) >= {"encoder.onnx", "decoder.onnx", "vocab.json"}
+    assert meta["parity"]["encoder_max_abs_diff"] < 1e-3 and meta["parity"]["greedy_captions_equal"]
+    for graph, batch_inputs in (("encoder.onnx", {"images": 0}), ("decoder.onnx", {"tokens": 0, "h": 1, "c": 1})):
+        model = onnx.load(str(tiny_bundle / graph))
+        for value in model.graph.input:
+            dim = value.type.tensor_type.shape.dim[batch_inputs[value.name]]
+            assert dim.dim_param and not dim.dim_value, f"{graph}:{value.name} batch dim must be symbolic"
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_onnx_and_torch_runtimes_give_the_same_captions(tiny_bundle, tiny_run, test_images, beam):
+    onnx_caps = caption_images(open_captioner(tiny_bundle, "onnx", provider="cpu"), test_images, beam_size=beam)
+    torch_caps = caption_images(open_captioner(tiny_run, "torch"), test_images, beam_size=beam)
+    assert [r.caption for r in onnx_caps] == [r.caption for r in torch_caps]
+    assert np.allclose([r.score for r in onnx_caps], [r.score for r in torch_caps], atol=1e-3)
+    assert all(r.caption for r in onnx_caps)
+
+
+def test_batch_size_does_not_change_captions(tiny_bundle, test_images):
+    captioner = open_captioner(tiny_bundle, "onnx", provider="cpu")
+    one = caption_images(captioner, test_images, beam_size=3, batch_size=1)
+    many = caption_images(captioner, test_images, beam_size=3, batch_size=5)
+    assert [r.caption for r in one] == [r.caption for r in many]
+
+
+def test_torch_runtime_reads_the_bundles_source_checkpoint(tiny_bundle, test_images):
+    captioner = open_captioner(tiny_bundle, "torch")
+    assert caption_images(captioner, test_images[:2], beam_size=1)[0].caption
+
+
+def test_altered_bundle_is_refused(tiny_bundle, tmp_path):
+    altered = tmp_path / "altered"
+    shutil.copytree(tiny_bundle, altered)
+    with open(altered / "decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CapcliError, match="altered: sha256 of decoder.onnx"):
+        open_captioner(altered, "onnx")
+
+
+def test_unknown_format_version_is_refused(tiny_bundle, tmp_path):
+    newer = tmp_path / "newer"
+    shutil.copytree(tiny_bundle, newer)
+    meta = json.loads((newer / "capcli.json").read_text())
+    meta["format_version"] = 99
+    (newer / "capcli.json").write_text(json.dumps(meta))
+    with pytest.raises(CapcliError, match="format version 99 is not supported"):
+        open_captioner(newer, "onnx")
+
+
+def test_export_keeps_an_existing_bundle_unless_forced(tiny_run, tiny_bundle, tmp_path):
+    target = tmp_path / "b"
+    shutil.copytree(tiny_bundle, target)
+    before = (target / "capcli.json").read_text()
+    with pytest.raises(CapcliError, match="--force"):
+        export(tiny_run, target)
+    assert (target / "capcli.json").read_text() == before
+    export(tiny_run, target, force=True)
+    assert json.loads((target / "capcli.json").read_text())["created"]
+    assert not list(tmp_path.glob(".b.*")), "no temporary folders left behind"
+
+
+def test_caption_cli_reports_each_bad_image_and_captions_the_rest(tiny_bundle, test_images, tmp_path):
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("hello")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(test_images[0].read_bytes()[:200])
+    args = ["caption", str(test_images[0]), str(tmp_path / "missing.png"), str(not_image), str(truncated),
+            str(test_images[1]), "--model", str(tiny_bundle), "--json", "--provider", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [Path(r["image"]).name for r in lines] == [test_images[0].name, test_images[1].name]
+    assert all(r["caption"] for r in lines)
+    for name in ("missing.png", "notes.jpg", "cut.png"):
+        assert sum(name in line for line in result.stderr.splitlines()) == 1
+
+
+def test_caption_cli_table_and_beams(tiny_bundle, test_images):
+    result = CliRunner().invoke(app, ["caption", str(test_images[0]), "--model", str(tiny_bundle), "--json",
+                                      "--beams", "3", "--beam-size", "3"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.splitlines()[0])
+    assert 1 <= len(row["beams"]) <= 3 and row["beams"][0]["caption"] == row["caption"]
+    table = CliRunner().invoke(app, ["caption", str(test_images[0]), "--model", str(tiny_bundle)])
+    assert table.exit_code == 0 and "captions (onnx, beam 3)" in table.stdout
+    assert f"{row['score']:.3f}" in table.stdout
+
+
+def test_onnx_captioning_does_not_import_torch(tiny_bundle, test_images):
+    code = (
+        "import sys\n"
+        "from capcli.cli import main\n"
+        f"sys.argv = ['capcli', 'caption', {str(test_images[0])!r}, '--model', {str(tiny_bundle)!r}, '--json']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[0])["caption"]
+
+
+def test_readme_snippet_captions_with_onnxruntime_numpy_pillow_only(tiny_bundle, test_images, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(# bundle-snippet.*?)```", readme, re.S).group(1)
+    assert len(snippet.strip().splitlines()) <= 25
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet)
+    guard = "import sys; sys.modules['torch'] = None; sys.modules['capcli'] = None\n"  # neither may be used
+    runner = tmp_path / "run.py"
+    runner.write_text(guard + f"sys.argv = ['snippet', {str(tiny_bundle)!r}, {str(test_images[0])!r}]\n"
+                      f"exec(open({str(script)!r}).read())\n")
+    proc = subprocess.run([sys.executable, str(runner)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = caption_images(open_captioner(tiny_bundle, "onnx", provider="cpu"), test_images[:1], beam_size=1)
+    assert proc.stdout.strip() == expected[0].caption

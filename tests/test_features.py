@@ -1,0 +1,130 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_backbone import tiny
+
+from capcli import features
+from capcli.data.readers import load_dataset
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture()
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_extract_caches_float16_rows_and_second_run_is_a_no_op(small_synthetic, fresh_cache, monkeypatch):
+    ds = load_dataset(str(small_synthetic))
+    cache = features.extract(tiny, ds, "none", batch_size=16, workers=0, device="cpu", show_progress=False)
+    assert cache.complete and cache.features.dtype == np.float16
+    assert cache.features.shape == (len(ds.images), 8) and not cache.failed
+    assert np.abs(np.asarray(cache.features)).sum() > 0
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("a complete cache must not be recomputed")
+
+    monkeypatch.setattr(type(tiny), "build", must_not_build)
+    again = features.extract(tiny, ds, "none", batch_size=16, workers=0, device="cpu", show_progress=False)
+    assert np.array_equal(np.asarray(again.features), np.asarray(cache.features))
+
+
+def test_rows_match_single_image_forward(small_synthetic, fresh_cache):
+    import torch
+
+    from capcli.images import load_input
+
+    ds = load_dataset(str(small_synthetic))
+    cache = features.extract(tiny, ds, "none", batch_size=7, workers=2, device="cpu", show_progress=False)
+    model = tiny.build("none")
+    name = ds.images[5]
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(load_input(ds.image_path(name), tiny.preprocessing))[None])[0].numpy()
+    row = cache.row_index()[name]
+    assert np.allclose(cache.features[row].astype(np.float32), ref, atol=1e-2)
+
+
+def test_stopped_run_resumes_without_redoing_batches(small_synthetic, fresh_cache, monkeypatch):
+    ds = load_dataset(str(small_synthetic))
+    partial = features.extract(tiny, ds, "none", batch_size=10, workers=0, device="cpu",
+                               show_progress=False, stop_after_batches=3)
+    assert partial.done.sum() == 30 and features.open_cache(tiny, "none", ds) is None
+    calls = []
+    real_build = type(tiny).build
+
+    def counting_build(self, weights):
+        model = real_build(self, weights)
+        model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        return model
+
+    monkeypatch.setattr(type(tiny), "build", counting_build)
+    done = features.extract(tiny, ds, "none", batch_size=10, workers=0, device="cpu", show_progress=False)
+    assert done.complete and sum(calls) == len(ds.images) - 30
+
+
+def test_kill_9_mid_extraction_then_resume_equals_uninterrupted(small_synthetic, tmp_path, monkeypatch):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from capcli import features
+        from capcli.data.readers import load_dataset
+        from tiny_backbone import tiny
+        ds = load_dataset({str(small_synthetic)!r})
+        features.extract(tiny, ds, "none", batch_size=4, workers=0, device="cpu", show_progress=False)
+    """)
+    monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "killed"))
+    ds = load_dataset(str(small_synthetic))
+    done_file = features.cache_dir(tiny, "none", ds) / "done.npy"
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TINY_BACKBONE_DELAY": "0.2"})
+    deadline = time.time() + 60
+    while time.time() < deadline and not (done_file.exists() and np.load(done_file).sum() >= 8):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(np.load(done_file).sum())
+    assert 0 < killed_at < len(ds.images), "the run must be killed mid-way"
+    assert features.open_cache(tiny, "none", ds) is None  # an unfinished cache never loads
+    resumed = features.extract(tiny, ds, "none", batch_size=4, workers=0, device="cpu", show_progress=False)
+
+    monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "clean"))
+    clean = features.extract(tiny, ds, "none", batch_size=4, workers=0, device="cpu", show_progress=False)
+    assert resumed.images == clean.images
+    assert np.array_equal(np.asarray(resumed.features), np.asarray(clean.features))
+
+
+def test_unreadable_images_are_listed_and_skipped(small_synthetic, tmp_path, fresh_cache):
+    copy = tmp_path / "ds"
+    shutil.copytree(small_synthetic, copy)
+    ds = load_dataset(str(copy))
+    truncated, not_image, missing = ds.images[0], ds.images[1], ds.images[2]
+    data = ds.image_path(truncated).read_bytes()
+    ds.image_path(truncated).write_bytes(data[: len(data) // 3])
+    ds.image_path(not_image).write_text("this is not an image")
+    ds.image_path(missing).unlink()
+    cache = features.extract(tiny, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False)
+    assert cache.complete
+    assert set(cache.failed) == {truncated, not_image, missing}
+    assert "not an image" in cache.failed[not_image] and "no such file" in cache.failed[missing]
+
+
+def test_cache_key_changes_with_weights_and_preprocessing(small_synthetic, tmp_path):
+    from dataclasses import replace
+
+    from capcli.backbone import Preprocessing
+
+    ds = load_dataset(str(small_synthetic))
+    other_prep = replace(tiny, preprocessing=Preprocessing(input_size=32, resize=40))
+    weights_file = tmp_path / "w.pt"
+    weights_file.write_bytes(b"x")
+    keys = {features.cache_dir(tiny, "none", ds), features.cache_dir(other_prep, "none", ds),
+            features.cache_dir(tiny, str(weights_file), ds)}
+    assert len(keys) == 3
