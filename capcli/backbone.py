@@ -101,6 +101,7 @@ def check_weights_arg(weights: str) -> None:
 
 def weights_id(weights: str) -> str:
     """A stable id for a weights choice, used in cache keys: a file is named by its content hash."""
+    check_weights_arg(weights)
     if weights in ("imagenet", "none"):
         return weights
     digest = hashlib.sha256()
@@ -132,6 +133,16 @@ def _first_problem(exc: BaseException, limit: int = 300) -> str:
     details = [line for line in lines if not line.startswith("Error(s) in loading state_dict")]
     first = (details or lines or [type(exc).__name__])[0]
     return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def download_state_dict(backbone: str, url: str) -> dict[str, Any]:
+    """Pretrained weights through torch.hub's download cache ($TORCH_HOME); one clear line when offline."""
+    import torch
+
+    try:
+        return torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
+    except Exception as exc:  # offline, proxy, truncated download, bad hash: all one line
+        raise download_failed(backbone, exc) from exc
 
 
 def download_failed(backbone: str, exc: BaseException) -> CapcliError:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capcli.decode import beam_search, greedy
+from capcli.decode import beam_search, greedy, sample
 from capcli.images import ImageError, load_input
 
 
@@ -33,9 +33,24 @@ class CaptionResult:
         return d
 
 
-def decode_states(captioner, state, beam_size: int, n_best: int = 1, max_len: int | None = None):
+@dataclass(frozen=True)
+class Sampling:
+    """Sample words instead of searching: softmax temperature, top-k (0 = all words), seed."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+def decode_states(captioner, state, beam_size: int, n_best: int = 1, max_len: int | None = None,
+                  sampling: Sampling | None = None):
     """Initial states of a batch -> per image, a list of (caption, score) best first."""
     vocab, max_len = captioner.vocab, max_len or captioner.max_len
+    if sampling is not None:
+        rng = np.random.default_rng(sampling.seed)
+        hyps = sample(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len,
+                      temperature=sampling.temperature, top_k=sampling.top_k, rng=rng)
+        return [[(vocab.decode(h.tokens), float(h.score))] for h in hyps]
     if beam_size <= 1:
         hyps = greedy(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len)
         return [[(vocab.decode(h.tokens), float(h.score))] for h in hyps]
@@ -57,6 +72,7 @@ def caption_images(
     batch_size: int = 8,
     n_best: int = 1,
     on_result: Callable[[CaptionResult], None] | None = None,
+    sampling: Sampling | None = None,
 ) -> list[CaptionResult]:
     """Caption every image; unusable ones get an error result and the rest go on."""
     results: list[CaptionResult] = []
@@ -71,7 +87,8 @@ def caption_images(
         good = [r for r in ready if r.error is None]
         if good:
             state = captioner.encode(np.stack(arrays))
-            for result, options in zip(good, decode_states(captioner, state, beam_size, n_best), strict=True):
+            decoded = decode_states(captioner, state, beam_size, n_best, sampling=sampling)
+            for result, options in zip(good, decoded, strict=True):
                 result.caption, result.score = options[0]
                 result.alternatives = options if n_best > 1 else []
         for r in ready:

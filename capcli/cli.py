@@ -165,12 +165,19 @@ def train(
 def out_console_summary(run_dir) -> None:
     import json
 
+    from rich.table import Table
+
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    table = Table(title=f"training {run_dir}")
+    for col in ("epoch", "train loss", "val loss", "val BLEU-4", "val CIDEr-D", "tokens/s", "lr", ""):
+        table.add_column(col, justify="right")
+    for h in history:
+        table.add_row(str(h["epoch"]), f"{h['train_loss']:.3f}", f"{h['val_loss']:.3f}", f"{h['val_bleu4']:.1f}",
+                      f"{h['val_cider']:.1f}", f"{h['tokens_per_s']:,.0f}", f"{h['lr']:.1e}",
+                      "best" if h.get("best") else "")
+    out.print(table)
     best = min(history, key=lambda h: h["val_loss"])
-    out.print(
-        f"run {run_dir}: best epoch {best['epoch']} (val loss {best['val_loss']:.3f}, "
-        f"BLEU-4 {best['val_bleu4']:.1f}, CIDEr {best['val_cider']:.1f}); best.pt holds its weights"
-    )
+    out.print(f"best epoch {best['epoch']} (val loss {best['val_loss']:.3f}): its weights are {run_dir / 'best.pt'}")
 
 
 @app.command("export")
@@ -207,11 +214,15 @@ def caption(
     device: Annotated[str, typer.Option(help="PyTorch device for --runtime torch.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
     html: Annotated[str | None, typer.Option(help="Also write an HTML report here.")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample words instead of beam search.")] = False,
+    temperature: Annotated[float, typer.Option(min=1e-3, help="Softmax temperature for --sample.")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest words (0 = all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed for --sample.")] = 0,
 ) -> None:
     """Caption images with an exported bundle (ONNX Runtime) or a run (PyTorch)."""
     import json
 
-    from capcli.caption import caption_images, open_captioner
+    from capcli.caption import Sampling, caption_images, open_captioner
     from capcli.images import expand_image_args
 
     paths, problems = expand_image_args(images)
@@ -225,12 +236,14 @@ def caption(
         elif as_json:
             out.print(json.dumps(r.to_dict()), markup=False)
 
+    sampling = Sampling(temperature, top_k, seed) if sample else None
     results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size,
-                             n_best=max(beams, 1), on_result=show)
+                             n_best=min(beams, beam_size), on_result=show, sampling=sampling)
     if not as_json:
         from rich.table import Table
 
-        table = Table(title=f"captions ({captioner.runtime}, {'greedy' if beam_size == 1 else f'beam {beam_size}'})")
+        how = "sampled" if sample else "greedy" if beam_size == 1 else f"beam {beam_size}"
+        table = Table(title=f"captions ({captioner.runtime}, {how})")
         table.add_column("image", overflow="fold")
         table.add_column("caption", overflow="fold")
         table.add_column("score", justify="right")
@@ -285,8 +298,10 @@ def print_scores(report: dict) -> None:
     table.add_column("score (0-100)", justify="right")
     for name, value in report["scores"].items():
         table.add_row(name, f"{value:.1f}")
-    if report.get("colour_shape_correct") is not None:
-        table.add_row("colour+shape correct %", f"{report['colour_shape_correct']:.1f}")
+    truth = report.get("colour_shape_correct")
+    if truth is not None:
+        table.add_row("main object colour+shape right %", f"{truth['main_object']:.1f}")
+        table.add_row("every named object right %", f"{truth['all_named']:.1f}")
     out.print(table)
     for s in report.get("skipped", []):
         err.print(f"skipped: {s}")
@@ -295,7 +310,7 @@ def print_scores(report: dict) -> None:
 
 @app.command()
 def demo(
-    images: Annotated[int, typer.Option(help="Synthetic images to generate.")] = 1500,
+    images: Annotated[int, typer.Option(help="Synthetic images to generate.")] = 10_000,
     epochs: Annotated[int, typer.Option(help="Training epochs (early stopping may end sooner).")] = 15,
     out_dir: Annotated[str, typer.Option("--out", help="Bundle folder.")] = "exported/demo",
     run_dir: Annotated[str, typer.Option("--run", help="Run directory.")] = "runs/demo",

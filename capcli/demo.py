@@ -15,7 +15,7 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(n_images: int = 1500, epochs: int = 15, bundle: str = "exported/demo", run: str = "runs/demo",
+def run_demo(n_images: int = 10_000, epochs: int = 15, bundle: str = "exported/demo", run: str = "runs/demo",
              show: int = 6) -> dict:
     from rich.table import Table
 

@@ -26,16 +26,20 @@ def model_dataset_defaults(model: str | Path) -> dict:
     return {}
 
 
-def synthetic_correctness(ds, candidates: dict[str, str]) -> float | None:
-    """Share of images whose caption names only true (colour, shape) pairs, at least one; synthetic only."""
-    from capcli.data.synthetic import caption_is_correct, load_objects
+def synthetic_correctness(ds, candidates: dict[str, str]) -> dict[str, float] | None:
+    """On the synthetic set, checkable truth: % of images whose caption names the main object's colour
+    and shape right, and % whose every named (colour, shape) is drawn in the image."""
+    from capcli.data.synthetic import caption_is_correct, load_objects, main_object_is_correct
 
-    objects_file = ds.annotation.parent / "objects.json"
-    if not objects_file.is_file():
+    if not (ds.annotation.parent / "objects.json").is_file():
         return None
     objects = load_objects(ds.annotation.parent)
-    judged = [caption_is_correct(cap, objects[img]) for img, cap in candidates.items() if img in objects]
-    return 100.0 * sum(judged) / len(judged) if judged else None
+    judged = [(img, cap) for img, cap in candidates.items() if img in objects]
+    if not judged:
+        return None
+    main = sum(main_object_is_correct(cap, objects[img]) for img, cap in judged)
+    every = sum(caption_is_correct(cap, objects[img]) for img, cap in judged)
+    return {"main_object": 100.0 * main / len(judged), "all_named": 100.0 * every / len(judged)}
 
 
 def evaluate(

@@ -153,3 +153,18 @@ def test_readme_snippet_captions_with_onnxruntime_numpy_pillow_only(tiny_bundle,
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = caption_images(open_captioner(tiny_bundle, "onnx", provider="cpu"), test_images[:1], beam_size=1)
     assert proc.stdout.strip() == expected[0].caption
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_bundle, test_images):
+    from capcli.caption import Sampling
+
+    captioner = open_captioner(tiny_bundle, "onnx", provider="cpu")
+    greedy = caption_images(captioner, test_images, beam_size=1)
+    top1 = caption_images(captioner, test_images, sampling=Sampling(temperature=0.7, top_k=1, seed=3))
+    assert [r.caption for r in top1] == [r.caption for r in greedy]
+    a = caption_images(captioner, test_images, sampling=Sampling(temperature=1.5, seed=7))
+    b = caption_images(captioner, test_images, sampling=Sampling(temperature=1.5, seed=7))
+    assert [r.caption for r in a] == [r.caption for r in b]
+    result = CliRunner().invoke(app, ["caption", str(test_images[0]), "--model", str(tiny_bundle), "--sample",
+                                      "--top-k", "3", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout.splitlines()[0])["caption"]

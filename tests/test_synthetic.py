@@ -89,8 +89,10 @@ def test_objects_stay_clear_of_borders_and_of_each_other(small_set: Path):
         assert len({(o["colour"], o["shape"]) for o in scene}) == len(scene)
         for o in scene:
             (x, y), r = o["centre"], o["radius"]
-            assert 0.15 * 224 <= min(x - r, y - r) and max(x + r, y + r) <= 0.85 * 224
+            assert 0.065 * 224 <= min(x - r, y - r) and max(x + r, y + r) <= 0.935 * 224
             assert o["colour"] in COLOURS and o["shape"] in SHAPES
+        if len(scene) > 1:  # the main object dominates: large, the others small
+            assert [o["size"] for o in scene] == ["large"] + ["small"] * (len(scene) - 1)
         for i, a in enumerate(scene):
             for b in scene[i + 1 :]:
                 gap = ((a["centre"][0] - b["centre"][0]) ** 2 + (a["centre"][1] - b["centre"][1]) ** 2) ** 0.5
@@ -144,11 +146,11 @@ def test_load_objects_errors(tmp_path: Path):
 def test_default_synthetic_is_made_once_in_the_cache(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path))
     path = default_synthetic(n_images=12, seed=2)
-    assert path == tmp_path / "datasets" / "synthetic-s2-n12"
+    assert path == tmp_path / "datasets" / "synthetic-v2-s2-n12"
     stamp = (path / "objects.json").stat().st_mtime_ns
     assert default_synthetic(n_images=12, seed=2) == path
     assert (path / "objects.json").stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in path.parent.iterdir()) == ["synthetic-s2-n12"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["synthetic-v2-s2-n12"]
 
 
 def test_interrupted_generation_leaves_no_half_dataset(tmp_path: Path, monkeypatch):
@@ -175,7 +177,7 @@ def test_load_dataset_synthetic_name(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(synthetic, "DEFAULT_IMAGES", 30)  # the real default takes a few seconds
     ds = load_dataset("synthetic")
     assert ds.name == "synthetic" and ds.format == "kaggle" and len(ds.images) == 30
-    assert ds.annotation == tmp_path / "datasets" / "synthetic-s0-n30" / "captions.txt"
+    assert ds.annotation == tmp_path / "datasets" / "synthetic-v2-s0-n30" / "captions.txt"
     assert len(load_objects(ds.annotation.parent)) == 30
 
 

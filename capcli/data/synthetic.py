@@ -27,7 +27,7 @@ from capcli.data.text import tokenize
 from capcli.errors import CapcliError
 from capcli.paths import atomic_write_json, atomic_write_text, cache_root
 
-SYNTHETIC_FORMAT = "capcli-synthetic/1"
+SYNTHETIC_FORMAT = "capcli-synthetic/2"  # bump when scenes or captions change
 
 # Saturated colours far apart in hue, and none of them a background colour.
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -48,17 +48,19 @@ _RGB = {
 _BACKGROUND_RGB = {"white": (250, 250, 250), "black": (18, 18, 18), "gray": (128, 128, 128)}
 
 # Object centres as fractions of the image side, and radii of the circle each shape fits in.
-# Centre +- radius (+ jitter) stays inside [0.15, 0.85]: images are centre-cropped after resizing
+# Centre +- radius (+ jitter) stays inside [0.065, 0.935]: images are centre-cropped after resizing
 # the shorter side to 256/224 of the crop, which cuts ~6% off each border.
 _SLOT_CENTRES = {
-    "left": (0.30, 0.50),
-    "right": (0.70, 0.50),
-    "top": (0.50, 0.30),
-    "bottom": (0.50, 0.70),
+    "left": (0.27, 0.50),
+    "right": (0.73, 0.50),
+    "top": (0.50, 0.27),
+    "bottom": (0.50, 0.73),
     "centre": (0.50, 0.50),
 }
-_RADIUS = {"small": 0.085, "large": 0.13}
-_JITTER = 0.02
+# In a scene of several objects the main (first named) one is large and the others small, so the
+# main object dominates pooled CNN features the way a photo's subject does.
+_RADIUS = {"small": 0.075, "large": 0.19}
+_JITTER = 0.015
 _GAP = 0.03  # minimum space between two objects' circles
 
 _POSITION_PHRASES = {
@@ -69,17 +71,22 @@ _POSITION_PHRASES = {
     "centre": "in the centre",
 }
 CAPTIONS_PER_IMAGE = 5
-DEFAULT_IMAGES = 1500
+DEFAULT_IMAGES = 10_000
 
 
 # ---------------------------------------------------------------- scenes
 
 
 def _sample_objects(rng: np.random.Generator, size: int) -> list[dict[str, Any]]:
-    """1-3 objects with distinct (colour, shape) pairs in distinct, non-overlapping slots, largest first."""
+    """1-3 objects with distinct (colour, shape) pairs in distinct, non-overlapping slots, largest first.
+
+    A single object is small or large; with several, the first is large and the rest small.
+    """
     n = int(rng.choice([1, 2, 3], p=[0.3, 0.4, 0.3]))
     while True:
-        objects = [_sample_object(rng, str(slot)) for slot in rng.choice(POSITIONS, size=n, replace=False)]
+        sizes = [str(rng.choice(SIZES))] if n == 1 else ["large"] + ["small"] * (n - 1)
+        slots = rng.choice(POSITIONS, size=n, replace=False)
+        objects = [_sample_object(rng, str(slot), sz) for slot, sz in zip(slots, sizes, strict=True)]
         pairs = {(o["colour"], o["shape"]) for o in objects}
         if len(pairs) == n and not _any_overlap(objects):
             break
@@ -90,8 +97,7 @@ def _sample_objects(rng: np.random.Generator, size: int) -> list[dict[str, Any]]
     return objects
 
 
-def _sample_object(rng: np.random.Generator, slot: str) -> dict[str, Any]:
-    size = str(rng.choice(SIZES))
+def _sample_object(rng: np.random.Generator, slot: str, size: str) -> dict[str, Any]:
     cx, cy = _SLOT_CENTRES[slot]
     jx, jy = rng.uniform(-_JITTER, _JITTER, size=2)
     return {
@@ -149,7 +155,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     elif shape == "star":
         draw.polygon(_star_points(cx, cy, r), fill=fill)
     elif shape == "cross":
-        arm, half = r * 0.9, r * 0.3
+        arm, half = r * 0.9, r * 0.36  # thick arms: enough area to show the colour
         draw.rectangle((cx - arm, cy - half, cx + arm, cy + half), fill=fill)
         draw.rectangle((cx - half, cy - arm, cx + half, cy + arm), fill=fill)
     else:  # pragma: no cover - SHAPES is closed
@@ -280,6 +286,16 @@ def caption_is_correct(caption: str, objects: list[dict]) -> bool:
     return bool(pairs) and all(pair in drawn for pair in pairs)
 
 
+def main_object_is_correct(caption: str, objects: list[dict]) -> bool:
+    """True iff the first (colour, shape) pair the caption names is the largest object's.
+
+    Reference captions always name the largest object first, so this asks whether the model got
+    the image's main object right, whatever it says about the smaller ones.
+    """
+    pairs = named_pairs(caption)
+    return bool(pairs) and bool(objects) and pairs[0] == (objects[0]["colour"], objects[0]["shape"])
+
+
 # ---------------------------------------------------------------- files
 
 
@@ -387,7 +403,8 @@ def _move_into_place(tmp: Path, out: Path, replace: bool) -> None:
 
 
 def default_synthetic_path(n_images: int = DEFAULT_IMAGES, seed: int = 0) -> Path:
-    return cache_root() / "datasets" / f"synthetic-s{seed}-n{n_images}"
+    version = SYNTHETIC_FORMAT.rsplit("/", 1)[1]  # a new generator never reuses an old cache
+    return cache_root() / "datasets" / f"synthetic-v{version}-s{seed}-n{n_images}"
 
 
 def default_synthetic(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Preprocessing, download_failed, load_state_dict_file
+from capcli.backbone import Backbone, Preprocessing, download_state_dict, load_state_dict_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,16 +25,10 @@ MIN_INPUT_SIZE = 75
 
 
 def _imagenet_state_dict() -> dict[str, Any]:
-    """torchvision's IMAGENET1K_V1 weights through torch.hub's download cache ($TORCH_HOME)."""
-    import torch
+    """torchvision's IMAGENET1K_V1 weights, through torch.hub's download cache."""
     from torchvision.models import Inception_V3_Weights
 
-    try:
-        return torch.hub.load_state_dict_from_url(
-            Inception_V3_Weights.IMAGENET1K_V1.url, progress=True, check_hash=True
-        )
-    except Exception as exc:  # offline, proxy, truncated download, bad hash: all one line
-        raise download_failed(NAME, exc) from exc
+    return download_state_dict(NAME, Inception_V3_Weights.IMAGENET1K_V1.url)
 
 
 def _drop_aux_logits(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Preprocessing, download_failed, load_state_dict_file
+from capcli.backbone import Backbone, Preprocessing, download_state_dict, load_state_dict_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -17,16 +17,10 @@ NAME = "resnet152"
 
 
 def _imagenet_state_dict() -> dict[str, Any]:
-    """torchvision's IMAGENET1K_V1 weights through torch.hub's download cache ($TORCH_HOME)."""
-    import torch
+    """torchvision's IMAGENET1K_V1 weights, through torch.hub's download cache."""
     from torchvision.models import ResNet152_Weights
 
-    try:
-        return torch.hub.load_state_dict_from_url(
-            ResNet152_Weights.IMAGENET1K_V1.url, progress=True, check_hash=True
-        )
-    except Exception as exc:  # offline, proxy, truncated download, bad hash: all one line
-        raise download_failed(NAME, exc) from exc
+    return download_state_dict(NAME, ResNet152_Weights.IMAGENET1K_V1.url)
 
 
 def _build(weights: str) -> nn.Module:
