@@ -23,7 +23,8 @@ class _Group(TyperGroup):
             err.print(f"[red]error:[/red] {exc}", markup=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err.print("interrupted; finished work is kept, run the same command again to resume")
+            err.print("interrupted; finished work is kept: rerun the same command to resume "
+                      "(for train, add --resume)")
             raise typer.Exit(130) from None
 
 
