@@ -72,8 +72,12 @@ def run_demo(n_images: int = 10_000, epochs: int = 15, bundle: str = "exported/d
     print_scores(report)
     rows = [{"image": str(ds.image_path(c["image"])), "caption": c["caption"], "references": c["references"]}
             for c in report["captions"][:48]]
+    truth = report["colour_shape_correct"] or {}
+    note = (f"{report['images']} test images, ONNX Runtime, beam 3, tokenizer {report['tokenizer']}. "
+            f"Main object colour+shape right: {truth.get('main_object', float('nan')):.1f}%; "
+            f"every named object right: {truth.get('all_named', float('nan')):.1f}%.")
     html = write_html(Path(run) / "report.html", rows, title="capcli demo: synthetic test split",
-                      scores=report["scores"])
+                      scores=report["scores"], note=note)
     timings["caption_eval_s"] = time.perf_counter() - t
     out.print(f"HTML report: {html}")
     out.print("timings: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items()))
