@@ -143,6 +143,7 @@ def train(
     hidden_dim: int = 512,
     num_layers: int = 1,
     dropout: float = 0.3,
+    feature_input: Annotated[bool, typer.Option(help="Also feed the image as the first LSTM input step.")] = False,
     out: Annotated[str | None, typer.Option(help="Run directory (default runs/BACKBONE).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     device: Device = "auto",
@@ -157,7 +158,8 @@ def train(
         backbone=backbone, dataset=dataset, images=images, weights=weights, out=out, epochs=epochs,
         batch_size=batch_size, lr=lr, lr_keep_epochs=lr_keep_epochs, lr_decay=lr_decay, patience=patience,
         threshold=threshold, max_len=max_len, embed_dim=embed_dim, hidden_dim=hidden_dim,
-        num_layers=num_layers, dropout=dropout, resume=resume, device=device, seed=seed, workers=workers,
+        num_layers=num_layers, dropout=dropout, feature_input=feature_input, resume=resume, device=device,
+        seed=seed, workers=workers,
     )
     run_dir = run_training(cfg)
     out_console_summary(run_dir)

@@ -21,6 +21,7 @@ class DecoderConfig:
     num_layers: int = 1
     dropout: float = 0.3
     pad_id: int = 0
+    feature_input: bool = False  # also feed the image as the LSTM's first input step (Show and Tell)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,6 +37,7 @@ class CaptionDecoder(nn.Module):
         self.init_h = nn.Linear(cfg.feature_dim, cfg.num_layers * cfg.hidden_dim)
         self.init_c = nn.Linear(cfg.feature_dim, cfg.num_layers * cfg.hidden_dim)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)
+        self.feature_embed = nn.Linear(cfg.feature_dim, cfg.embed_dim) if cfg.feature_input else None
         self.lstm = nn.LSTM(
             cfg.embed_dim,
             cfg.hidden_dim,
@@ -47,11 +49,17 @@ class CaptionDecoder(nn.Module):
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
 
     def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [B, D] -> (h0, c0), each [layers, B, hidden]."""
+        """Features [B, D] -> (h0, c0), each [layers, B, hidden].
+
+        With `feature_input` the image is also the first input step, so the state returned is the
+        one after that step: decoding (and the exported encoder) starts from it unchanged.
+        """
         f = self.dropout(self.feature_norm(features.float()))
         shape = (features.shape[0], self.cfg.num_layers, self.cfg.hidden_dim)
         h = torch.tanh(self.init_h(f)).view(shape).transpose(0, 1).contiguous()
         c = self.init_c(f).view(shape).transpose(0, 1).contiguous()
+        if self.feature_embed is not None:
+            h, c = lstm_step(self.lstm, self.feature_embed(f), h, c)
         return h, c
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -79,22 +87,25 @@ class DecoderStep(nn.Module):
     def forward(
         self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d = self.decoder
-        x = d.embed(tokens)
-        hs, cs = [], []
-        for layer in range(d.cfg.num_layers):
-            w_ih = getattr(d.lstm, f"weight_ih_l{layer}")
-            w_hh = getattr(d.lstm, f"weight_hh_l{layer}")
-            b = getattr(d.lstm, f"bias_ih_l{layer}") + getattr(d.lstm, f"bias_hh_l{layer}")
-            gates = x @ w_ih.t() + h[layer] @ w_hh.t() + b
-            i, f, g, o = gates.chunk(4, dim=1)
-            c_new = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
-            h_new = torch.sigmoid(o) * torch.tanh(c_new)
-            hs.append(h_new)
-            cs.append(c_new)
-            x = h_new
-        log_probs = torch.log_softmax(d.out(x), dim=-1)
-        return log_probs, torch.stack(hs), torch.stack(cs)
+        h, c = lstm_step(self.decoder.lstm, self.decoder.embed(tokens), h, c)
+        return torch.log_softmax(self.decoder.out(h[-1]), dim=-1), h, c
+
+
+def lstm_step(lstm: nn.LSTM, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One time step of a (multi-layer) nn.LSTM with its own weights: x [B, in], h/c [layers, B, hidden]."""
+    hs, cs = [], []
+    for layer in range(lstm.num_layers):
+        w_ih = getattr(lstm, f"weight_ih_l{layer}")
+        w_hh = getattr(lstm, f"weight_hh_l{layer}")
+        b = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+        gates = x @ w_ih.t() + h[layer] @ w_hh.t() + b
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        hs.append(h_new)
+        cs.append(c_new)
+        x = h_new
+    return torch.stack(hs), torch.stack(cs)
 
 
 class Encoder(nn.Module):

@@ -45,6 +45,7 @@ class TrainConfig:
     hidden_dim: int = 512
     num_layers: int = 1
     dropout: float = 0.3
+    feature_input: bool = False  # image also as the LSTM's first input step
     val_sample: int = 200  # images captioned (greedy) per epoch for BLEU-4 / CIDEr
     seed: int = 0
     device: str = "auto"
@@ -261,6 +262,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     model_cfg = DecoderConfig(
         feature_dim=backbone.feature_dim, vocab_size=len(vocab), embed_dim=cfg.embed_dim,
         hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout, pad_id=vocab.pad_id,
+        feature_input=cfg.feature_input,
     )
     decoder = CaptionDecoder(model_cfg).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
@@ -335,7 +337,17 @@ def print_epoch(s: dict) -> None:
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
+    """metrics.jsonl (everything) and metrics.csv (the per-epoch numbers, for spreadsheets)."""
+    import csv
+    import io
+
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    columns = [k for k, v in history[0].items() if isinstance(v, int | float | bool)]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
 
 
 def plot_curves(out: Path, history: list[dict]) -> None:

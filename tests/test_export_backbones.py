@@ -18,13 +18,13 @@ PHOTOS = sorted((Path(__file__).parent / "images").glob("*.jpg"))
 WORDS = "a red green blue circle square star on the left right of large small background".split()
 
 
-def random_checkpoint(path: Path, backbone_name: str) -> Path:
+def random_checkpoint(path: Path, backbone_name: str, feature_input: bool = False) -> Path:
     """A decoder that was never trained: enough to compare runtimes, no training time spent."""
     spec = get_backbone(backbone_name)
     vocab = Vocabulary.build([" ".join(WORDS)], threshold=1)
     torch.manual_seed(0)
     cfg = DecoderConfig(feature_dim=spec.feature_dim, vocab_size=len(vocab), embed_dim=16, hidden_dim=32,
-                        num_layers=2, dropout=0.0)
+                        num_layers=2, dropout=0.0, feature_input=feature_input)
     decoder = CaptionDecoder(cfg)
     with torch.no_grad():  # larger output weights: clear winners at each step, not near-ties
         decoder.out.weight.mul_(20)
@@ -37,11 +37,15 @@ def random_checkpoint(path: Path, backbone_name: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet152", "inceptionv3", "vgg16"])
-def test_export_and_both_runtimes_agree(backbone, tmp_path):
+@pytest.mark.parametrize(
+    ("backbone", "feature_input"),
+    [("efficientnet_lite0", False), ("efficientnet_lite0", True), ("resnet152", False), ("inceptionv3", False),
+     ("vgg16", False)],
+)
+def test_export_and_both_runtimes_agree(backbone, feature_input, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    ckpt = random_checkpoint(run / "best.pt", backbone)
+    ckpt = random_checkpoint(run / "best.pt", backbone, feature_input)
     bundle = export(ckpt, tmp_path / "bundle", images=PHOTOS)
     onnx_cap = open_captioner(bundle, "onnx", provider="cpu")
     torch_cap = open_captioner(run, "torch")

@@ -13,7 +13,7 @@ from capcli.train import TrainConfig, batches_for_rank, train
 
 
 def test_run_directory_holds_everything(tiny_run):
-    for name in ("best.pt", "last.pt", "vocab.json", "config.json", "metrics.jsonl", "curves.png"):
+    for name in ("best.pt", "last.pt", "vocab.json", "config.json", "metrics.jsonl", "metrics.csv", "curves.png"):
         assert (tiny_run / name).is_file(), name
     ckpt = torch.load(tiny_run / "last.pt", map_location="cpu", weights_only=True)
     for key in ("config", "model", "optimizer", "scheduler", "epoch", "vocab", "vocab_sha256", "backbone",
@@ -26,6 +26,8 @@ def test_run_directory_holds_everything(tiny_run):
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert all(h["tokens_per_s"] > 0 and 0 <= h["val_bleu4"] <= 100 for h in history)
+    csv_rows = (tiny_run / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("train_loss,") and "val_cider" in csv_rows[0] and len(csv_rows) == 3
 
 
 def test_resume_continues_where_the_run_stopped(tiny_run, tmp_path, small_synthetic):
