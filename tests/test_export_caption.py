@@ -168,3 +168,13 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_bundle, test_images):
     result = CliRunner().invoke(app, ["caption", str(test_images[0]), "--model", str(tiny_bundle), "--sample",
                                       "--top-k", "3", "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout.splitlines()[0])["caption"]
+
+
+def test_explicit_cuda_provider_without_cuda_is_an_error(tiny_bundle, test_images):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the fallback case cannot happen here")
+    result = CliRunner().invoke(app, ["caption", str(test_images[0]), "--model", str(tiny_bundle),
+                                      "--provider", "cuda"])
+    assert result.exit_code == 1 and "--provider cuda asked for" in result.stderr
