@@ -95,7 +95,6 @@ def backbones(
     out.print(table)
 
 
-
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Weights = Annotated[str, typer.Option(help="'imagenet' (download), 'none' (random) or a state-dict path.")]
 
@@ -107,7 +106,7 @@ def features(
     images: Annotated[str | None, typer.Option(help="Image folder, when apart from the annotations.")] = None,
     weights: Weights = "imagenet",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: up to 4).")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")] = None,
     device: Device = "auto",
 ) -> None:
     """Extract and cache backbone features for a dataset (resumable; a second run is a no-op)."""
