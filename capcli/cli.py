@@ -106,7 +106,9 @@ def features(
     images: Annotated[str | None, typer.Option(help="Image folder, when apart from the annotations.")] = None,
     weights: Weights = "imagenet",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")
+    ] = None,
     device: Device = "auto",
 ) -> None:
     """Extract and cache backbone features for a dataset (resumable; a second run is a no-op)."""
