@@ -135,6 +135,18 @@ def _first_problem(exc: BaseException, limit: int = 300) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+def load_weights(module: torch.nn.Module, weights: str, backbone: str, imagenet_state: dict | None = None) -> None:
+    """Put the chosen weights into a freshly built full model (head included, so standard files fit).
+
+    'imagenet' loads `imagenet_state` (fetched by the plugin before building, so offline fails
+    fast), 'none' keeps the random init, anything else is a local state-dict file.
+    """
+    if weights == "imagenet":
+        module.load_state_dict(imagenet_state)
+    elif weights != "none":
+        load_state_dict_file(module, weights, backbone)
+
+
 def download_state_dict(backbone: str, url: str) -> dict[str, Any]:
     """Pretrained weights through torch.hub's download cache ($TORCH_HOME); one clear line when offline."""
     import torch

@@ -96,14 +96,17 @@ def backbones(
 
 
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+BackboneName = Annotated[str, typer.Option("--backbone", help="Backbone plugin name (see capcli backbones).")]
+DatasetSpec = Annotated[str, typer.Option("--dataset", help="synthetic, flickr8k, flickr30k or a path.")]
+ImagesDir = Annotated[str | None, typer.Option("--images", help="Image folder, when apart from the annotations.")]
 Weights = Annotated[str, typer.Option(help="'imagenet' (download), 'none' (random) or a state-dict path.")]
 
 
 @app.command()
 def features(
-    backbone: Annotated[str, typer.Option(help="Backbone plugin name (see capcli backbones).")],
-    dataset: Annotated[str, typer.Option(help="synthetic, flickr8k, flickr30k or a path.")] = "synthetic",
-    images: Annotated[str | None, typer.Option(help="Image folder, when apart from the annotations.")] = None,
+    backbone: BackboneName,
+    dataset: DatasetSpec = "synthetic",
+    images: ImagesDir = None,
     weights: Weights = "imagenet",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     workers: Annotated[
@@ -128,9 +131,9 @@ def features(
 
 @app.command()
 def train(
-    backbone: Annotated[str, typer.Option(help="Backbone plugin name (see capcli backbones).")],
-    dataset: Annotated[str, typer.Option(help="synthetic, flickr8k, flickr30k or a path.")] = "synthetic",
-    images: Annotated[str | None, typer.Option(help="Image folder, when apart from the annotations.")] = None,
+    backbone: BackboneName,
+    dataset: DatasetSpec = "synthetic",
+    images: ImagesDir = None,
     weights: Weights = "imagenet",
     epochs: Annotated[int, typer.Option(min=1)] = 20,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
@@ -270,7 +273,7 @@ def caption(
 def evaluate_cmd(
     model: Annotated[str, typer.Argument(help="Bundle folder (onnx) or run directory (torch).")],
     dataset: Annotated[str | None, typer.Option(help="Dataset (default: the one the model was trained on).")] = None,
-    images: Annotated[str | None, typer.Option(help="Image folder, when apart from the annotations.")] = None,
+    images: ImagesDir = None,
     split: str = "test",
     beam_size: Annotated[int, typer.Option(min=1)] = 3,
     runtime: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Preprocessing, download_state_dict, load_state_dict_file
+from capcli.backbone import Backbone, Preprocessing, download_state_dict, load_weights
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,10 +49,7 @@ def _build(weights: str) -> nn.Module:
     # No aux logits at inference; transform_input as the ImageNet weights expect (module docstring).
     model = inception_v3(weights=None, aux_logits=False, transform_input=True, init_weights=True)
     model.register_load_state_dict_pre_hook(_drop_aux_logits)
-    if state is not None:
-        model.load_state_dict(state)
-    elif weights != "none":
-        load_state_dict_file(model, weights, NAME)
+    load_weights(model, weights, NAME, state)
     # The head goes after loading, so a full-model state dict (fc included) fits.
     model.fc = nn.Identity()
     return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Preprocessing, download_state_dict, load_state_dict_file
+from capcli.backbone import Backbone, Preprocessing, download_state_dict, load_weights
 
 if TYPE_CHECKING:
     from torch import nn
@@ -30,10 +30,7 @@ def _build(weights: str) -> nn.Module:
     # Fetch first: an offline 'imagenet' fails before spending time on initialisation.
     state = _imagenet_state_dict() if weights == "imagenet" else None
     model = resnet152(weights=None)
-    if state is not None:
-        model.load_state_dict(state)
-    elif weights != "none":
-        load_state_dict_file(model, weights, NAME)
+    load_weights(model, weights, NAME, state)
     # The head goes after loading, so a full-model state dict (fc included) fits.
     model.fc = nn.Identity()
     return model

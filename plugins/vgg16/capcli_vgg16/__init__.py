@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Preprocessing, download_state_dict, load_state_dict_file
+from capcli.backbone import Backbone, Preprocessing, download_state_dict, load_weights
 
 if TYPE_CHECKING:
     from torch import nn
@@ -29,10 +29,7 @@ def _build(weights: str) -> nn.Module:
     # Fetch first: an offline 'imagenet' fails before spending time on initialisation.
     state = _imagenet_state_dict() if weights == "imagenet" else None
     model = vgg16(weights=None)
-    if state is not None:
-        model.load_state_dict(state)
-    elif weights != "none":
-        load_state_dict_file(model, weights, NAME)
+    load_weights(model, weights, NAME, state)
     # fc7 = the classifier without its last Linear: Linear-ReLU-Dropout-Linear-ReLU-Dropout, i.e.
     # the ReLU'd fc7 activations (the trailing Dropout is the identity in eval mode). Cut after
     # loading, so a full-model state dict (fc8 included) fits.
