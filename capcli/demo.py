@@ -27,6 +27,7 @@ def run_demo(n_images: int = 10_000, epochs: int = 15, bundle: str = "exported/d
     from capcli.features import extract
     from capcli.registry import get_backbone
     from capcli.report import write_html
+    from capcli.tables import print_scores
     from capcli.train import TrainConfig, train
 
     timings = {}
@@ -67,8 +68,6 @@ def run_demo(n_images: int = 10_000, epochs: int = 15, bundle: str = "exported/d
         table.add_row(name, r.caption or f"[red]{r.error}[/red]", ds.captions[name][0])
     out.print(table)
     report = evaluate(bundle, str(data_dir), split="test", beam_size=3, runtime="onnx", provider="cpu")
-    from capcli.cli import print_scores
-
     print_scores(report)
     rows = [{"image": str(ds.image_path(c["image"])), "caption": c["caption"], "references": c["references"]}
             for c in report["captions"][:48]]

@@ -10,8 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from capcli.cli import _Group
-from capcli.cli_data import app as data_app
+from capcli.cli import ErrorHandlingGroup as _Group
+from capcli.cli.data import app as data_app
 
 DATA = Path(__file__).parent / "data"
 KAGGLE = DATA / "flickr8k_kaggle"

@@ -1,0 +1,37 @@
+"""`capcli evaluate`: caption a split and score it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from capcli.cli.options import ImagesDir
+from capcli.console import out
+from capcli.tables import print_scores
+
+
+def evaluate_cmd(
+    model: Annotated[str, typer.Argument(help="Bundle folder (onnx) or run directory (torch).")],
+    dataset: Annotated[str | None, typer.Option(help="Dataset (default: the one the model was trained on).")] = None,
+    images: ImagesDir = None,
+    split: str = "test",
+    beam_size: Annotated[int, typer.Option(min=1)] = 3,
+    runtime: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
+    provider: str = "auto",
+    device: str = "cpu",
+    limit: Annotated[int | None, typer.Option(help="Caption only the first N images.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+    out_file: Annotated[str | None, typer.Option("--out", help="Where to write captions + scores (JSON).")] = None,
+) -> None:
+    """Score generated captions on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100)."""
+    import json
+
+    from capcli.evaluate import evaluate
+
+    report = evaluate(model, dataset, images, split, beam_size, runtime, provider, device, limit=limit,
+                      out=out_file)
+    if as_json:
+        out.print(json.dumps({k: v for k, v in report.items() if k != "captions"}), markup=False)
+        return
+    print_scores(report)

@@ -1,0 +1,76 @@
+"""`capcli features` and `capcli train`: the training stage."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from capcli.cli.options import BackboneName, DatasetSpec, Device, ImagesDir, Weights
+from capcli.console import err, out
+from capcli.tables import print_training
+
+
+def features(
+    backbone: BackboneName,
+    dataset: DatasetSpec = "synthetic",
+    images: ImagesDir = None,
+    weights: Weights = "imagenet",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")
+    ] = None,
+    device: Device = "auto",
+) -> None:
+    """Extract and cache backbone features for a dataset (resumable; a second run is a no-op)."""
+    from capcli.data.readers import load_dataset
+    from capcli.features import extract
+    from capcli.registry import get_backbone
+
+    spec = get_backbone(backbone)
+    ds = load_dataset(dataset, images=images)
+    cache = extract(spec, ds, weights, batch_size, workers, device)
+    out.print(f"{len(cache.images)} images, {spec.feature_dim}-d float16 features in {cache.path}")
+    if cache.failed:
+        err.print(f"{len(cache.failed)} images could not be read and were skipped:")
+        for name, reason in list(cache.failed.items())[:20]:
+            err.print(f"  {name}: {reason}")
+
+
+def train(
+    backbone: BackboneName,
+    dataset: DatasetSpec = "synthetic",
+    images: ImagesDir = None,
+    weights: Weights = "imagenet",
+    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
+    lr_keep_epochs: Annotated[int, typer.Option(help="Epochs at the initial LR before decay.")] = 3,
+    lr_decay: Annotated[float, typer.Option(help="LR factor per epoch after that.")] = 0.9,
+    patience: Annotated[int, typer.Option(help="Early stop after this many epochs without improvement.")] = 3,
+    threshold: Annotated[int, typer.Option(help="Min word count for the vocabulary.")] = 5,
+    max_len: Annotated[int, typer.Option(help="Max caption words.")] = 20,
+    embed_dim: int = 256,
+    hidden_dim: int = 512,
+    num_layers: int = 1,
+    dropout: float = 0.3,
+    feature_input: Annotated[bool, typer.Option(help="Also feed the image as the first LSTM input step.")] = False,
+    out: Annotated[str | None, typer.Option(help="Run directory (default runs/BACKBONE).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    device: Device = "auto",
+    seed: int = 0,
+    workers: Annotated[int | None, typer.Option(help="Feature-extraction workers.")] = None,
+) -> None:
+    """Train the LSTM caption decoder on cached backbone features (extracted first if needed)."""
+    from capcli.train import TrainConfig
+    from capcli.train import train as run_training
+
+    cfg = TrainConfig(
+        backbone=backbone, dataset=dataset, images=images, weights=weights, out=out, epochs=epochs,
+        batch_size=batch_size, lr=lr, lr_keep_epochs=lr_keep_epochs, lr_decay=lr_decay, patience=patience,
+        threshold=threshold, max_len=max_len, embed_dim=embed_dim, hidden_dim=hidden_dim,
+        num_layers=num_layers, dropout=dropout, feature_input=feature_input, resume=resume, device=device,
+        seed=seed, workers=workers,
+    )
+    run_dir = run_training(cfg)
+    print_training(run_dir)

@@ -1,0 +1,42 @@
+"""Rich tables of pipeline results, shared by the front ends (CLI, demo)."""
+
+from __future__ import annotations
+
+import json
+
+from capcli.console import err, out
+
+
+def print_training(run_dir) -> None:
+    from rich.table import Table
+
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    table = Table(title=f"training {run_dir}")
+    for col in ("epoch", "train loss", "val loss", "val BLEU-4", "val CIDEr-D", "tokens/s", "lr", ""):
+        table.add_column(col, justify="right")
+    for h in history:
+        table.add_row(str(h["epoch"]), f"{h['train_loss']:.3f}", f"{h['val_loss']:.3f}", f"{h['val_bleu4']:.1f}",
+                      f"{h['val_cider']:.1f}", f"{h['tokens_per_s']:,.0f}", f"{h['lr']:.1e}",
+                      "best" if h.get("best") else "")
+    out.print(table)
+    best = min(history, key=lambda h: h["val_loss"])
+    out.print(f"best epoch {best['epoch']} (val loss {best['val_loss']:.3f}): its weights are {run_dir / 'best.pt'}")
+
+
+def print_scores(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report['dataset']} {report['split']} · {report['images']} images · "
+                        f"beam {report['beam_size']} · {report['runtime']} · tokenizer {report['tokenizer']}")
+    table.add_column("metric")
+    table.add_column("score (0-100)", justify="right")
+    for name, value in report["scores"].items():
+        table.add_row(name, f"{value:.1f}")
+    truth = report.get("colour_shape_correct")
+    if truth is not None:
+        table.add_row("main object colour+shape right %", f"{truth['main_object']:.1f}")
+        table.add_row("every named object right %", f"{truth['all_named']:.1f}")
+    out.print(table)
+    for s in report.get("skipped", []):
+        err.print(f"skipped: {s}")
+    out.print(f"captions and scores written to {report['out']}")
