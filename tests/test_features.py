@@ -265,3 +265,20 @@ def test_item1_split_without_usable_captions_says_why_and_what_to_do(small_synth
     assert f"none of its {len(ds.splits['val'])} images could be read" in message
     assert "no such file" in message and str(ds.images_dir) in message
     assert "--images" in message and "retried" in message and "\n" not in message
+
+
+# --- issue 9, item 4: an image that would expand in memory is one failed image, on every run -------
+
+
+def test_item4_bomb_inside_a_dataset_is_one_failed_image(small_synthetic, tmp_path, fresh_cache):
+    from PIL import Image
+
+    copy = tmp_path / "ds"
+    shutil.copytree(small_synthetic, copy)
+    ds = load_dataset(str(copy))
+    bomb = ds.images[4]
+    Image.new("L", (2_000_000, 1)).save(ds.image_path(bomb), format="PNG")
+    for _ in range(2):  # the rerun retries it and still completes
+        cache = features.extract(tiny, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False)
+        assert cache.complete and list(cache.failed) == [bomb]
+        assert "too elongated" in cache.failed[bomb]
