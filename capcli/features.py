@@ -348,7 +348,10 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
         persistent_workers=False,
     )
     amp = device.startswith("cuda")
-    model = None  # built on the first batch that has an image: retrying failures alone needs none
+    # Built now, so a weights problem shows before any image is read; but when only failed images
+    # are retried, only once one of them reads (usually none does, and no model is needed).
+    retry_only = all(state.meta["images"][row] in state.meta["failed"] for row in pending)
+    model = None if retry_only else _build(backbone, weights, device)
     n_images, needed = len(state.done), state.features.size * 2
     with progress(transient=not show_progress) as bar:
         task = bar.add_task(f"features {backbone.name}", total=n_images, info="")
@@ -358,8 +361,7 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
             out = None
             if batch is not None:
                 if model is None:
-                    # channels_last: ~1.7x faster convolutions on CPU (oneDNN) and tensor cores alike.
-                    model = backbone.build(weights).to(device, memory_format=torch.channels_last)
+                    model = _build(backbone, weights, device)
                 with torch.inference_mode(), torch.autocast("cuda", enabled=amp, dtype=torch.float16):
                     x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                     out = model(x).float().cpu().numpy().astype(np.float16)
@@ -370,6 +372,13 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
             bar.update(task, advance=len(rows) + len(failed), info=f"{rate:.1f} img/s")
             if stop_after_batches is not None and n_batch + 1 >= stop_after_batches:
                 break
+
+
+def _build(backbone: Backbone, weights: str, device: str):
+    import torch
+
+    # channels_last: ~1.7x faster convolutions on CPU (oneDNN) and tensor cores alike.
+    return backbone.build(weights).to(device, memory_format=torch.channels_last)
 
 
 def load_features(backbone: Backbone, weights: str, dataset) -> FeatureCache:
