@@ -240,6 +240,21 @@ def _ignore_sigint(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def image_loader(inputs, batch_size: int, workers: int, device: str, collate_fn=None):
+    """A DataLoader over `inputs` whose worker processes leave Ctrl-C to the main process."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        inputs,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_fn or _collate,
+        pin_memory=device.startswith("cuda"),
+        worker_init_fn=_ignore_sigint if workers else None,
+        persistent_workers=False,
+    )
+
+
 class _ImageInputs:
     """Map-style dataset of (row, input or None, error, file stat) for the DataLoader workers."""
 
@@ -338,15 +353,8 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
 
     from capcli.console import progress
 
-    loader = torch.utils.data.DataLoader(
-        _ImageInputs(pending, [paths[i] for i in pending], backbone.preprocessing),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.startswith("cuda"),
-        worker_init_fn=_ignore_sigint if workers else None,
-        persistent_workers=False,
-    )
+    loader = image_loader(_ImageInputs(pending, [paths[i] for i in pending], backbone.preprocessing),
+                          batch_size, workers, device)
     amp = device.startswith("cuda")
     # Built now, so a weights problem shows before any image is read; but when only failed images
     # are retried, only once one of them reads (usually none does, and no model is needed).

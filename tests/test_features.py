@@ -369,3 +369,57 @@ def test_item10_disk_full_mid_run_is_one_line_not_sigbus_and_resumes(small_synth
     monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "clean"))
     clean = features.extract(wide, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False)
     assert resumed.complete and np.array_equal(np.asarray(resumed.features), np.asarray(clean.features))
+
+
+# --- issue 9, item 11: Ctrl-C during `capcli features` prints one "interrupted" line, no worker tracebacks --
+
+CLI_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import capcli.registry
+import tiny_backbone
+capcli.registry.get_backbone = lambda name: tiny_backbone.tiny
+from capcli.cli.app import main
+sys.argv = ["capcli", "features", "--backbone", "tiny", "--weights", "none", "--dataset", {dataset!r},
+            "--workers", "2", "--batch-size", "4", "--device", "cpu"]
+main()
+"""
+
+
+class _SigintDisposition:
+    """A dataset whose items say how the process loading them handles SIGINT."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_item11_loader_workers_ignore_ctrl_c():
+    loader = features.image_loader(_SigintDisposition(), batch_size=1, workers=2, device="cpu",
+                                   collate_fn=lambda items: items[0])
+    assert list(loader) == [1, 1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process keeps Ctrl-C
+
+
+def test_item11_ctrl_c_during_features_is_one_line_and_resumes(small_synthetic, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "cache"))
+    ds = load_dataset(str(small_synthetic))
+    done_file = features.cache_dir(tiny, "none", ds) / "done.npy"
+    script = CLI_SCRIPT.format(tests=str(TESTS), dataset=str(small_synthetic))
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TINY_BACKBONE_DELAY": "0.2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (done_file.exists() and np.load(done_file).sum() >= 8):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    messages = [line for line in stderr.splitlines() if line.strip() and not line.lstrip().startswith("features")]
+    assert len(messages) == 1 and messages[0].startswith("interrupted"), stderr[-3000:]
+    killed_at = int(np.load(done_file).sum())
+    assert 0 < killed_at < len(ds.images)
+    resumed = features.extract(tiny, ds, "none", batch_size=4, workers=0, device="cpu", show_progress=False)
+    assert resumed.complete and not resumed.failed
