@@ -423,3 +423,16 @@ def test_item11_ctrl_c_during_features_is_one_line_and_resumes(small_synthetic, 
     assert 0 < killed_at < len(ds.images)
     resumed = features.extract(tiny, ds, "none", batch_size=4, workers=0, device="cpu", show_progress=False)
     assert resumed.complete and not resumed.failed
+
+
+def test_bad_extraction_options_are_one_error_line(small_synthetic):
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    for args in (["--batch-size", "0"], ["--workers", "-1"]):
+        result = CliRunner().invoke(app, ["features", "--backbone", "efficientnet_lite0", "--dataset",
+                                          str(small_synthetic), *args])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {args[0]} must be"), result.stderr

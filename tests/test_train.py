@@ -206,6 +206,11 @@ def test_item7_cli_resume_with_a_changed_hidden_dim_is_one_line(tiny_run, tmp_pa
     assert result.exit_code == 1 and "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--hidden-dim 128 (the run has 64)" in lines[0] and "--max-len 9" in lines[0]
+    # Without conflicting options, --resume needs only the run directory: the rest comes from the run.
+    result = CliRunner().invoke(app, ["train", "--resume", "--out", str(run), "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    after = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert after["epoch"] == 2 and after["train_config"]["hidden_dim"] == 64
 
 
 def _numbers(history: list[dict]) -> list[dict]:

@@ -77,16 +77,13 @@ def train(
     workers: Annotated[int | None, typer.Option(help="Feature-extraction workers.")] = None,
 ) -> None:
     """Train the LSTM caption decoder on cached backbone features (extracted first if needed)."""
-    from click.core import ParameterSource
-
     from capcli.errors import CapcliError
     from capcli.train import TrainConfig
     from capcli.train import train as run_training
 
     if backbone is None and not resume:
         raise CapcliError("--backbone is required (see capcli backbones)")
-    given = tuple(name for name in ctx.params if ctx.get_parameter_source(name) not in
-                  (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None))
+    given = tuple(name for name in ctx.params if _given(ctx, name))
     cfg = TrainConfig(
         backbone=backbone or "", dataset=dataset, images=images, weights=weights, out=out, epochs=epochs,
         batch_size=batch_size, lr=lr, lr_keep_epochs=lr_keep_epochs, lr_decay=lr_decay, patience=patience,
@@ -96,3 +93,10 @@ def train(
     )
     run_dir = run_training(cfg)
     print_training(run_dir)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set option `name` (on the command line or through the environment)."""
+    source = ctx.get_parameter_source(name)
+    # By name: Typer may ship its own copy of click, with its own ParameterSource enum.
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
