@@ -358,8 +358,7 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
             out = None
             if batch is not None:
                 if model is None:
-                    # channels_last: ~1.7x faster convolutions on CPU (oneDNN) and tensor cores alike.
-                    model = backbone.build(weights).to(device, memory_format=torch.channels_last)
+                    model = _build_or_clear(bar, backbone, weights, device)
                 with torch.inference_mode(), torch.autocast("cuda", enabled=amp, dtype=torch.float16):
                     x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                     out = model(x).float().cpu().numpy().astype(np.float16)
@@ -370,6 +369,18 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
             bar.update(task, advance=len(rows) + len(failed), info=f"{rate:.1f} img/s")
             if stop_after_batches is not None and n_batch + 1 >= stop_after_batches:
                 break
+
+
+def _build_or_clear(bar, backbone: Backbone, weights: str, device: str):
+    """The model in channels_last (~1.7x faster convolutions on CPU and tensor cores alike); a build error
+    (offline weights, bad file) clears the progress bar first, so the user sees one line."""
+    import torch
+
+    try:
+        return backbone.build(weights).to(device, memory_format=torch.channels_last)
+    except BaseException:
+        bar.live.transient = True
+        raise
 
 
 def load_features(backbone: Backbone, weights: str, dataset) -> FeatureCache:
