@@ -369,7 +369,7 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
             out = None
             if batch is not None:
                 if model is None:
-                    model = _build(backbone, weights, device)
+                    model = _build_or_clear(bar, backbone, weights, device)
                 with torch.inference_mode(), torch.autocast("cuda", enabled=amp, dtype=torch.float16):
                     x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                     out = model(x).float().cpu().numpy().astype(np.float16)
@@ -387,6 +387,16 @@ def _build(backbone: Backbone, weights: str, device: str):
 
     # channels_last: ~1.7x faster convolutions on CPU (oneDNN) and tensor cores alike.
     return backbone.build(weights).to(device, memory_format=torch.channels_last)
+
+
+def _build_or_clear(bar, backbone: Backbone, weights: str, device: str):
+    """The model, built under a progress bar: a build error (offline weights, bad file) clears the bar
+    first, so the user sees one line."""
+    try:
+        return _build(backbone, weights, device)
+    except BaseException:
+        bar.live.transient = True
+        raise
 
 
 def load_features(backbone: Backbone, weights: str, dataset) -> FeatureCache:
