@@ -252,10 +252,11 @@ def restore_rng_states(ckpt: dict, rank: int, world: int) -> None:
                   "run will not exactly repeat an uninterrupted one")
 
 
-def check_finite(loss: float, what: str, epoch: int, cfg: TrainConfig, out: Path) -> None:
+def check_finite(loss: float, what: str, epoch: int, cfg: TrainConfig, out: Path, bar) -> None:
     """Stop a run whose loss is NaN or infinite: its weights are no longer numbers."""
     if math.isfinite(loss):
         return
+    bar.live.transient = True  # the error is the one line left
     kept = (f"{out / 'best.pt'} keeps the best epoch before it" if (out / "best.pt").is_file()
             else "no checkpoint was written")
     raise CapcliError(
@@ -385,11 +386,11 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         for epoch in range(start_epoch, cfg.epochs):
             bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs}")
             stats = run_epoch(model, train_table, feats, opt, cfg, epoch, rank, world, device, bar, task)
-            check_finite(mean_over_ranks(stats["train_loss"], world, device), "training", epoch, cfg, out)
+            check_finite(mean_over_ranks(stats["train_loss"], world, device), "training", epoch, cfg, out, bar)
             stats.update(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
             sched.step()
             stats["val_loss"] = mean_over_ranks(validation_loss(decoder, val_table, feats, device), world, device)
-            check_finite(stats["val_loss"], "validation", epoch, cfg, out)
+            check_finite(stats["val_loss"], "validation", epoch, cfg, out, bar)
             rng = gather_rng_states(world)  # as the next epoch will find them
             stats["param_checksums"] = all_equal_checksums(decoder, world)
             if len(set(stats["param_checksums"])) != 1:

@@ -174,9 +174,30 @@ def test_item7_non_finite_loss_stops_the_run_without_claiming_a_best_checkpoint(
                                       "--out", str(out), "--lr", "1e30", "--epochs", "2", "--embed-dim", "16",
                                       "--hidden-dim", "32", "--threshold", "2", "--device", "cpu", "--workers", "0"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "not finite" in errors[0] and "no checkpoint was written" in errors[0]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: training stopped in epoch 1"), result.stderr
+    assert "not finite" in lines[0] and "lower --lr" in lines[0] and "no checkpoint was written" in lines[0]
     assert "best.pt" not in result.stdout and not (out / "best.pt").exists()
+
+
+def test_item7_divergence_after_a_good_epoch_keeps_its_checkpoints(tiny_run, small_synthetic, tmp_path,
+                                                                     monkeypatch):
+    import capcli.train as training
+
+    real_epoch = training.run_epoch
+
+    def second_epoch_diverges(*args):
+        stats = real_epoch(*args)
+        if args[5] == 1:  # the epoch index
+            stats["train_loss"] = float("nan")
+        return stats
+
+    monkeypatch.setattr(training, "run_epoch", second_epoch_diverges)
+    out = tmp_path / "run"
+    with pytest.raises(CapcliError, match="in epoch 2: the training loss is nan .*best.pt keeps the best epoch"):
+        train(_cfg(small_synthetic, out, embed_dim=16, hidden_dim=32), show_progress=False)
+    for name in ("best.pt", "last.pt"):  # the diverged epoch is never saved
+        assert torch.load(out / name, map_location="cpu", weights_only=True)["epoch"] == 0
 
 
 def test_item7_resume_refuses_conflicting_options_it_was_given(tiny_run, small_synthetic, tmp_path):
