@@ -77,7 +77,7 @@ def test_demo_runs_end_to_end_offline(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert Path("exported/demo/capcli.json").is_file() and Path("runs/demo/report.html").is_file()
     assert "BLEU-4" in result.stdout and "main object colour+shape right" in result.stdout
-    evaluation = json.loads(Path("exported/demo/evaluation-test.json").read_text())
+    evaluation = json.loads(Path("runs/demo/evaluation-test.json").read_text())
     assert evaluation["beam_size"] == 3 and evaluation["runtime"] == "onnx"
     again = CliRunner().invoke(app, ["demo", "--images", "120", "--epochs", "2"])  # re-running is safe
     assert again.exit_code == 0, again.output
