@@ -49,8 +49,6 @@ def onnxruntime_info() -> dict:
     except ImportError as exc:
         info["error"] = f"onnxruntime cannot be imported: {exc}"
         return info
-    from capcli.providers import cuda_probe
-
     from capcli.providers import cuda_probe, ort_cuda_libraries_problem
 
     probe, providers = cuda_probe(), ort.get_available_providers()

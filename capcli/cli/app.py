@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from typing import Annotated
 
 import typer
@@ -13,13 +14,21 @@ from capcli.cli import caption, data, demo, doctor, evaluate, export, inspect, s
 from capcli.console import err, out
 from capcli.errors import CapcliError
 
-# What only `pip install capcli[train]` brings: train, features, export, demo and --runtime torch need it.
+# What only `pip install capcli[train]` brings: the training commands and --runtime torch need it.
 TRAINING_STACK = {"torch", "torchvision", "onnx", "onnxscript", "matplotlib", "kagglehub", "timm"}
+TRAINING_COMMANDS = {"features", "train", "export", "demo"}
 NEEDS_TRAINING_STACK = "this command needs the training stack ({module} is not installed): pip install 'capcli[train]'"
 
 
 class ErrorHandlingGroup(TyperGroup):
     """Turns user errors into one line on stderr and exit 1, and Ctrl-C into exit 130."""
+
+    def resolve_command(self, ctx, args):  # type: ignore[override]
+        name, command, rest = super().resolve_command(ctx, args)
+        # Checked up front: these commands would otherwise fail on whatever they miss first (a backbone plugin).
+        if name in TRAINING_COMMANDS and "--help" not in rest and find_spec("torch") is None:
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return name, command, rest
 
     def invoke(self, ctx):  # type: ignore[override]
         try:
