@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 from contextlib import contextmanager
+from importlib.util import find_spec
 from typing import Annotated
 
 import typer
@@ -20,8 +21,9 @@ try:  # recent Typer carries its own copy of click, whose exceptions are not cli
 except ImportError:  # pragma: no cover - older Typer on the real click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-# What only `pip install capcli[train]` brings: train, features, export, demo and --runtime torch need it.
+# What only `pip install capcli[train]` brings: the training commands and --runtime torch need it.
 TRAINING_STACK = {"torch", "torchvision", "onnx", "onnxscript", "matplotlib", "kagglehub", "timm"}
+TRAINING_COMMANDS = {"features", "train", "export", "demo"}
 NEEDS_TRAINING_STACK = "this command needs the training stack ({module} is not installed): pip install 'capcli[train]'"
 
 
@@ -32,6 +34,13 @@ class ErrorHandlingGroup(TyperGroup):
     def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[override]
         with _one_line_errors():
             return super().make_context(info_name, args, parent=parent, **extra)
+
+    def resolve_command(self, ctx, args):  # type: ignore[override]
+        name, command, rest = super().resolve_command(ctx, args)
+        # Checked up front: these commands would otherwise fail on whatever they miss first (a backbone plugin).
+        if name in TRAINING_COMMANDS and "--help" not in rest and find_spec("torch") is None:
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return name, command, rest
 
     def invoke(self, ctx):  # type: ignore[override]
         tolerant_streams()
