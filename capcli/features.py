@@ -14,7 +14,6 @@ is an error up front rather than a SIGBUS from the memory map.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -30,7 +29,7 @@ import numpy as np
 from capcli.backbone import Backbone, weights_id
 from capcli.errors import CapcliError
 from capcli.images import ImageError, load_input
-from capcli.paths import atomic_write_bytes, atomic_write_json, cache_root
+from capcli.paths import atomic_write_bytes, atomic_write_json, cache_root, describe_os_error
 
 FORMAT = "capcli-features/2"
 NO_FILE = -1  # size and mtime recorded for a file that could not be stat'ed
@@ -141,17 +140,15 @@ def open_cache(backbone: Backbone, weights: str, dataset) -> FeatureCache | None
 
 @contextmanager
 def _cache_writes(path: Path, needed_bytes: int):
-    """OS errors while writing the cache (a full disk, a read-only folder) become one clear line."""
+    """Errors writing the cache (a full disk, a read-only folder) become one line saying what to do."""
+    hint = (f"the cache stays consistent: free some space (its features take {needed_bytes / 2**20:.1f} MiB) "
+            "or set CAPCLI_CACHE to another disk, then rerun to resume")
     try:
         yield
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        hint = "set CAPCLI_CACHE to a writable folder"
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            hint = f"free some space (the features need {needed_bytes / 2**20:.1f} MiB) or set CAPCLI_CACHE elsewhere"
-        raise CapcliError(
-            f"cannot write the feature cache in {path}: {reason}; {hint}, then rerun to resume"
-        ) from None
+        raise CapcliError(f"cannot write the feature cache in {path}: {describe_os_error(exc)}; {hint}") from None
+    except CapcliError as exc:  # the atomic writer's own line, which names the file
+        raise CapcliError(f"{exc}; {hint}") from None
 
 
 def _start(path: Path, backbone: Backbone, weights: str, dataset) -> _Progress:

@@ -304,17 +304,11 @@ except CapcliError as exc:
 
 @pytest.fixture()
 def small_disk(tmp_path):
-    """A 1 MiB tmpfs (needs root and the right to mount, as in CI)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # lazy: a test may still map a file there
+    """A 1 MiB tmpfs (needs root and the right to mount, as in CI; skips with the reason otherwise)."""
+    from mounts import small_disk
+
+    with small_disk(tmp_path / "disk", 1024) as disk:
+        yield disk
 
 
 def _extract_in_subprocess(backbone: str, dataset, cache) -> subprocess.CompletedProcess:
@@ -343,6 +337,7 @@ def test_item10_feature_file_that_does_not_fit_is_one_line_and_keeps_other_cache
 
 def test_item10_disk_full_mid_run_is_one_line_not_sigbus_and_resumes(small_synthetic, small_disk, tmp_path,
                                                                       monkeypatch):
+    from mounts import fill
     from tiny_backbone import wide
 
     few = tmp_path / "few"  # 50 images: the feature file (0.78 MiB) fits the 1 MiB disk
@@ -354,17 +349,13 @@ def test_item10_disk_full_mid_run_is_one_line_not_sigbus_and_resumes(small_synth
     partial = features.extract(wide, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False,
                                stop_after_batches=2)
     assert partial.done.sum() == 16
-    filler = small_disk / "filler"
-    with open(filler, "wb", buffering=0) as f:  # another program fills the disk
-        with pytest.raises(OSError, match="No space left"):
-            while True:
-                f.write(b"\0" * 4096)
+    fill(small_disk, leave_kb=0)  # another program fills the disk
     run = _extract_in_subprocess("wide", few, small_disk)
     assert run.returncode == 1, f"rc {run.returncode} (-7 is SIGBUS): {run.stderr[-2000:]}"
     errors = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: cannot write the feature cache")
-    assert "No space left on device" in errors[0]
-    filler.unlink()
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write") and str(small_disk) in errors[0]
+    assert "No space left on device" in errors[0] and "rerun to resume" in errors[0]
+    (small_disk / "filler").unlink()
     resumed = features.extract(wide, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False)
     monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "clean"))
     clean = features.extract(wide, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False)
