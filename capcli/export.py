@@ -75,8 +75,11 @@ def _export(module, args, path: Path, names_in, names_out, batch_axes: dict[str,
         try:
             _export_dynamo(module, args, path, names_in, names_out, batch_axes, opset)
             return "dynamo", None
+        except OSError:
+            raise  # a full disk or a lost folder is not a tracing problem: the other exporter would fail too
         except Exception as exc:  # anything torch.export cannot trace: the other exporter may still work
-            fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            lines = str(exc).strip().splitlines()
+            fallback = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
             path.unlink(missing_ok=True)
     axes = {n: {batch_axes[n]: "batch"} for n in list(names_in) + list(names_out)}
     with _quiet():
