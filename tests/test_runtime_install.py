@@ -96,6 +96,10 @@ def test_runtime_install_has_no_torch_and_captions_evaluates_and_serves(
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert json.loads(evaluated.stdout)["images"] == 4
 
+    for args in (["--help"], ["backbones"]):
+        listed = _run(runtime_venv, *args)
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, (args, listed.stderr)
+
     doctor = _run(runtime_venv, "doctor", "--json")
     assert doctor.returncode == 0 and json.loads(doctor.stdout)["torch"] is None, doctor.stderr
 
