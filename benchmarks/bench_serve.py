@@ -37,11 +37,11 @@ def small_bundle(tmp: str) -> Path:
     return export(run, os.path.join(tmp, "bundle"))
 
 
-def load(url: str, clients: int, requests: int) -> tuple[float, np.ndarray, int]:
-    """requests/s, latencies (s) and the largest batch, for `requests` spread over `clients` threads."""
+def load(url: str, clients: int, requests: int) -> tuple[float, np.ndarray, list[dict]]:
+    """requests/s, latencies (s) and the server's answers, for `requests` spread over `clients` threads."""
     photos = [(p.name, p.read_bytes()) for p in PHOTOS]
     latencies: list[float] = []
-    batches: list[int] = []
+    answers: list[dict] = []
     lock = threading.Lock()
 
     def client(index: int) -> None:
@@ -55,7 +55,7 @@ def load(url: str, clients: int, requests: int) -> tuple[float, np.ndarray, int]
                 response.raise_for_status()
                 with lock:
                     latencies.append(elapsed)
-                    batches.append(response.json()["batch_images"])
+                    answers.append(response.json())
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     started = time.perf_counter()
@@ -63,12 +63,16 @@ def load(url: str, clients: int, requests: int) -> tuple[float, np.ndarray, int]
         t.start()
     for t in threads:
         t.join()
-    return requests / (time.perf_counter() - started), np.array(latencies), max(batches)
+    return requests / (time.perf_counter() - started), np.array(latencies), answers
 
 
-def row(label: str, rps: float, lat: np.ndarray, batch: int) -> str:
+def row(label: str, rps: float, lat: np.ndarray, answers: list[dict]) -> str:
+    """Client-side figures, then the server's own mean timings per request (ms) and its batches."""
     p50, p99 = np.percentile(lat, [50, 99]) * 1e3
-    return f"{label:28} {rps:9.1f} {p50:9.0f} {p99:9.0f} {batch:9d}"
+    mean = {k: np.mean([a["timings_ms"][k] for a in answers]) for k in ("read", "queue", "encode", "decode")}
+    batch = np.mean([a["batch_images"] for a in answers])
+    return (f"{label:22} {rps:7.1f} {p50:7.0f} {p99:7.0f} {batch:6.1f} "
+            + " ".join(f"{mean[k]:7.0f}" for k in ("read", "queue", "encode", "decode")))
 
 
 def main() -> None:
@@ -81,17 +85,19 @@ def main() -> None:
         bundle = Path(args.bundle) if args.bundle else demo if demo.is_dir() else small_bundle(tmp)
         print(f"bundle {bundle}; {args.requests} requests per level, one photo each, beam 3; "
               f"{os.cpu_count()} CPUs (shared machine: figures under load)")
-        print(f"{'server, concurrency':28} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'max batch':>9}")
+        print(f"{'':22} {'client':>23}   {'server, mean per request (ms)':>38}")
+        print(f"{'server, concurrency':22} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'batch':>6} {'read':>7} "
+              f"{'queue':>7} {'encoder':>7} {'decoder':>7}")
         rps = {}
         with running_server(bundle) as (url, _):
             load(url, 4, 8)  # warm-up
             for clients in (1, 4, 16):
-                rps[clients], lat, batch = load(url, clients, args.requests)
-                print(row(f"micro-batching, {clients}", rps[clients], lat, batch), flush=True)
+                rps[clients], lat, answers = load(url, clients, args.requests)
+                print(row(f"micro-batching, {clients}", rps[clients], lat, answers), flush=True)
         with running_server(bundle, "--max-batch", "1") as (url, _):
             load(url, 4, 8)
-            unbatched, lat, batch = load(url, 16, args.requests)
-            print(row("--max-batch 1, 16", unbatched, lat, batch))
+            unbatched, lat, answers = load(url, 16, args.requests)
+            print(row("--max-batch 1, 16", unbatched, lat, answers))
         print(f"requests/s at concurrency 16 / concurrency 1: {rps[16] / rps[1]:.2f}x (target >= 2x)")
         print(f"micro-batching / --max-batch 1, both at concurrency 16: {rps[16] / unbatched:.2f}x")
 

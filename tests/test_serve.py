@@ -103,6 +103,17 @@ def test_bad_uploads_get_a_4xx_json_error_naming_the_problem(client, case):
     assert client.get("/healthz").status_code == 200
 
 
+def test_a_streamed_body_without_a_length_is_cut_off_at_the_limit(client):
+    def chunks():
+        for _ in range(SETTINGS.max_body_bytes // 65536 + 2):
+            yield b"\0" * 65536
+
+    response = client.post("/v1/captions", content=chunks(),
+                           headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert response.status_code == 413 and "request body too large" in response.json()["error"]
+    assert client.get("/healthz").status_code == 200
+
+
 def test_hypotheses_with_attention_pass_through_as_json():
     weights = np.full((3, 4), 0.25, np.float32)
     assert hypothesis_json(("a cat", np.float32(-0.5))) == {"caption": "a cat", "score": -0.5}

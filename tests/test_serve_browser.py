@@ -59,7 +59,7 @@ def _finished_cards(driver):
     return driver.find_elements(By.CSS_SELECTOR, ".card:not(.pending)")
 
 
-def test_upload_a_photo_and_see_the_pipelines_caption(browser, exported_tiny, tmp_path, request):
+def test_upload_a_photo_and_see_the_pipelines_caption(browser, exported_tiny, tmp_path, capsys):
     photo = PHOTOS[0]
     want = caption_images(open_captioner(exported_tiny, "onnx", provider="cpu"), [photo], beam_size=3, n_best=3)[0]
     with running_server(exported_tiny) as (url, _proc):
@@ -87,6 +87,5 @@ def test_upload_a_photo_and_see_the_pipelines_caption(browser, exported_tiny, tm
         ARTEFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTEFACTS / "serve-page.png"
         assert browser.save_screenshot(str(shot))
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter:
-        reporter.write_line(f"\nscreenshot of the web page: {shot}")
+    with capsys.disabled():
+        print(f"\nscreenshot of the web page: {shot}")

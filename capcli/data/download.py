@@ -24,9 +24,9 @@ def _handle(name: str) -> str:
 def download(name: str) -> Path:
     """Download (or reuse kagglehub's cached copy of) a named dataset; returns its folder."""
     handle = _handle(name)
-    try:
-        import kagglehub
+    import kagglehub  # outside the try: a missing kagglehub is the CLI's capcli[train] hint, not a network error
 
+    try:
         path = kagglehub.dataset_download(handle)
     except KeyboardInterrupt:
         raise

@@ -7,7 +7,6 @@ which is swapped back for the name the client gave.
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
@@ -38,10 +37,10 @@ def check_size(name: str, size: int, max_bytes: int) -> None:
 
 def image_input(data: bytes, name: str, prep: Preprocessing) -> np.ndarray:
     """Decode one upload into a float32 [3, S, S] array; UploadError (400) names what is wrong with it."""
-    with tempfile.TemporaryDirectory(prefix="capcli-upload-") as folder:
-        path = Path(folder) / "upload"
-        path.write_bytes(data)
+    with tempfile.NamedTemporaryFile(prefix="capcli-upload-") as file:
+        file.write(data)
+        file.flush()
         try:
-            return to_input(load_rgb(path), prep)
+            return to_input(load_rgb(file.name), prep)
         except ImageError as exc:
-            raise UploadError(str(exc).replace(str(path), name)) from None
+            raise UploadError(str(exc).replace(file.name, name)) from None
