@@ -4,6 +4,10 @@ A cache is keyed by backbone, weights, preprocessing and the dataset's image lis
 run is a no-op. Rows are flushed before the 'done' mask that vouches for them is (atomically)
 replaced, so a run killed at any point resumes without redoing finished batches and never
 leaves a cache that loads but is wrong.
+
+With output="grid" the rows are the backbone's feature grid before pooling, [N, P, C] (P = H*W
+positions, row-major), for the attention decoder; the key adds the grid. Such caches are ~50x
+larger, so training reads them row by row (`capcli.feature_rows`) instead of loading the array.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from capcli.images import ImageError, load_input
 from capcli.paths import atomic_write_bytes, atomic_write_json, cache_root
 
 FORMAT = "capcli-features/1"
+OUTPUTS = ("pooled", "grid")
 
 
 @dataclass
@@ -32,7 +37,7 @@ class FeatureCache:
 
     path: Path
     meta: dict
-    features: np.ndarray  # [N, D] float16, memory-mapped read-only
+    features: np.ndarray  # [N, D] float16 (grid: [N, P, C]), memory-mapped read-only
     done: np.ndarray  # [N] bool
 
     @property
@@ -51,7 +56,9 @@ class FeatureCache:
         return {name: i for i, name in enumerate(self.images)}
 
 
-def cache_key(backbone: Backbone, weights: str, images: list[str], dataset_fingerprint: str) -> str:
+def cache_key(
+    backbone: Backbone, weights: str, images: list[str], dataset_fingerprint: str, output: str = "pooled"
+) -> str:
     ident = {
         "format": FORMAT,
         "backbone": backbone.name,
@@ -61,12 +68,27 @@ def cache_key(backbone: Backbone, weights: str, images: list[str], dataset_finge
         "dataset": dataset_fingerprint,
         "images": hashlib.sha256("\n".join(images).encode()).hexdigest(),
     }
+    if output == "grid":  # pooled keys stay as they were, so existing caches stay valid
+        ident |= {"output": "grid", "grid": backbone.require_grid().to_dict()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cache_dir(backbone: Backbone, weights: str, dataset) -> Path:
-    key = cache_key(backbone, weights, dataset.images, dataset.fingerprint())
-    return cache_root() / "features" / f"{dataset.name}-{backbone.name}-{key}"
+def cache_dir(backbone: Backbone, weights: str, dataset, output: str = "pooled") -> Path:
+    _check_output(output)
+    key = cache_key(backbone, weights, dataset.images, dataset.fingerprint(), output)
+    kind = "-grid" if output == "grid" else ""
+    return cache_root() / "features" / f"{dataset.name}-{backbone.name}{kind}-{key}"
+
+
+def _check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise CapcliError(f"unknown feature output '{output}'; one of {', '.join(OUTPUTS)}")
+
+
+def row_shape(meta: dict) -> tuple[int, ...]:
+    """One image's features: (D,) pooled, (P, C) for a grid."""
+    grid = meta.get("grid")
+    return (grid["height"] * grid["width"], grid["channels"]) if grid else (meta["feature_dim"],)
 
 
 def _save_mask(path: Path, mask: np.ndarray) -> None:
@@ -78,21 +100,23 @@ def _save_mask(path: Path, mask: np.ndarray) -> None:
 def _open(path: Path, meta: dict) -> FeatureCache:
     features = np.load(path / "features.npy", mmap_mode="r")
     done = np.load(path / "done.npy")
-    if features.shape != (len(meta["images"]), meta["feature_dim"]) or done.shape != (len(meta["images"]),):
+    if features.shape != (len(meta["images"]), *row_shape(meta)) or done.shape != (len(meta["images"]),):
         raise CapcliError(f"feature cache {path} is damaged (shapes disagree); delete the folder and rerun")
     return FeatureCache(path, meta, features, done)
 
 
-def open_cache(backbone: Backbone, weights: str, dataset) -> FeatureCache | None:
-    """The complete cache for this backbone/weights/dataset, or None."""
-    path = cache_dir(backbone, weights, dataset)
+def open_cache(backbone: Backbone, weights: str, dataset, output: str = "pooled") -> FeatureCache | None:
+    """The complete cache for this backbone/weights/dataset (and output), or None."""
+    path = cache_dir(backbone, weights, dataset, output)
     if not (path / "meta.json").is_file() or not (path / "done.npy").is_file():
         return None
     cache = _open(path, json.loads((path / "meta.json").read_text()))
     return cache if cache.complete else None
 
 
-def _start(path: Path, backbone: Backbone, weights: str, dataset) -> tuple[dict, np.ndarray, np.ndarray]:
+def _start(
+    path: Path, backbone: Backbone, weights: str, dataset, output: str = "pooled"
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """Create the cache files, or reopen the ones an interrupted run left."""
     path.mkdir(parents=True, exist_ok=True)
     meta_path = path / "meta.json"
@@ -111,8 +135,10 @@ def _start(path: Path, backbone: Backbone, weights: str, dataset) -> tuple[dict,
         "images": list(dataset.images),
         "failed": {},
     }
+    if output == "grid":
+        meta |= {"output": "grid", "grid": backbone.require_grid().to_dict()}
     features = np.lib.format.open_memmap(
-        path / "features.npy", mode="w+", dtype=np.float16, shape=(len(meta["images"]), backbone.feature_dim)
+        path / "features.npy", mode="w+", dtype=np.float16, shape=(len(meta["images"]), *row_shape(meta))
     )
     done = np.zeros(len(meta["images"]), dtype=bool)
     # Order matters: data file, then mask, then meta; a run only trusts a folder with all three.
@@ -169,19 +195,27 @@ def extract(
     device: str = "auto",
     show_progress: bool = True,
     stop_after_batches: int | None = None,
+    output: str = "pooled",
 ) -> FeatureCache:
-    """Extract features for every image of `dataset`, resuming an interrupted run; returns the cache."""
+    """Extract features for every image of `dataset`, resuming an interrupted run; returns the cache.
+
+    output: "pooled" ([N, D] rows) or "grid" ([N, P, C] rows, for backbones that declare a grid).
+    """
     import torch
 
-    cached = open_cache(backbone, weights, dataset)
+    _check_output(output)
+    if output == "grid":
+        backbone.require_grid()
+    cached = open_cache(backbone, weights, dataset, output)
     if cached is not None:
         return cached
     device = resolve_device(device)
-    path = cache_dir(backbone, weights, dataset)
-    meta, features, done = _start(path, backbone, weights, dataset)
+    path = cache_dir(backbone, weights, dataset, output)
+    meta, features, done = _start(path, backbone, weights, dataset, output)
     pending = [i for i in range(len(meta["images"])) if not done[i]]
+    build = backbone.build_grid if output == "grid" else backbone.build
     # channels_last: ~1.7x faster convolutions on CPU (oneDNN) and tensor cores alike.
-    model = backbone.build(weights).to(device, memory_format=torch.channels_last)
+    model = build(weights).to(device, memory_format=torch.channels_last)
     paths = [dataset.image_path(meta["images"][i]) for i in pending]
     if workers is None:  # on CPU the forward needs the cores too: leave it half of them
         cpus = os.cpu_count() or 1
@@ -198,13 +232,16 @@ def extract(
     from capcli.console import progress
 
     with progress(transient=not show_progress) as bar:
-        task = bar.add_task(f"features {backbone.name}", total=len(meta["images"]), info="")
+        what = f"{backbone.name} grid" if output == "grid" else backbone.name
+        task = bar.add_task(f"features {what}", total=len(meta["images"]), info="")
         bar.update(task, completed=len(meta["images"]) - len(pending))
         start, seen = time.perf_counter(), 0
         for n_batch, (rows, batch, failed) in enumerate(loader):
             if batch is not None:
                 with torch.inference_mode(), torch.autocast("cuda", enabled=amp, dtype=torch.float16):
                     out = model(batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+                if output == "grid":  # [B, C, H, W] -> [B, P, C], P = H*W row-major
+                    out = out.flatten(2).transpose(1, 2)
                 features[rows] = out.float().cpu().numpy().astype(np.float16)
                 features.flush()
             for row, reason in failed:
@@ -222,12 +259,13 @@ def extract(
     return _open(path, meta)
 
 
-def load_features(backbone: Backbone, weights: str, dataset) -> FeatureCache:
+def load_features(backbone: Backbone, weights: str, dataset, output: str = "pooled") -> FeatureCache:
     """The complete cache, or a clear error saying how to make it."""
-    cache = open_cache(backbone, weights, dataset)
+    cache = open_cache(backbone, weights, dataset, output)
     if cache is None:
+        grid = " --grid" if output == "grid" else ""
         raise CapcliError(
-            f"no complete feature cache for {backbone.name} ({weights}) on {dataset.name}; "
-            f"run: capcli features --backbone {backbone.name} --dataset {dataset.name}"
+            f"no complete {output} feature cache for {backbone.name} ({weights}) on {dataset.name}; "
+            f"run: capcli features --backbone {backbone.name} --dataset {dataset.name}{grid}"
         )
     return cache

@@ -21,6 +21,7 @@ def features(
         int | None, typer.Option(min=0, help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")
     ] = None,
     device: Device = "auto",
+    grid: Annotated[bool, typer.Option("--grid", help="Cache the feature grid (attention decoder) instead.")] = False,
 ) -> None:
     """Extract and cache backbone features for a dataset (resumable; a second run is a no-op)."""
     from capcli.data.readers import load_dataset
@@ -29,8 +30,9 @@ def features(
 
     spec = get_backbone(backbone)
     ds = load_dataset(dataset, images=images)
-    cache = extract(spec, ds, weights, batch_size, workers, device)
-    out.print(f"{len(cache.images)} images, {spec.feature_dim}-d float16 features in {cache.path}")
+    cache = extract(spec, ds, weights, batch_size, workers, device, output="grid" if grid else "pooled")
+    what = f"{spec.require_grid()} grid" if grid else f"{spec.feature_dim}-d"
+    out.print(f"{len(cache.images)} images, {what} float16 features in {cache.path}")
     if cache.failed:
         err.print(f"{len(cache.failed)} images could not be read and were skipped:")
         for name, reason in list(cache.failed.items())[:20]:
@@ -54,7 +56,19 @@ def train(
     hidden_dim: int = 512,
     num_layers: int = 1,
     dropout: float = 0.3,
-    feature_input: Annotated[bool, typer.Option(help="Also feed the image as the first LSTM input step.")] = False,
+    feature_input: Annotated[
+        bool, typer.Option(help="Pooled decoder: also feed the image as the first LSTM input step.")
+    ] = False,
+    decoder: Annotated[
+        str | None,
+        typer.Option(help="attention (over the backbone's grid; the default) or pooled (one vector per image); "
+                     "--resume keeps the run's."),
+    ] = None,
+    context_dim: Annotated[int, typer.Option(min=1, help="Attention: grid channels after projection.")] = 256,
+    attention_dim: Annotated[int, typer.Option(min=1, help="Attention: size of the attention layer.")] = 256,
+    attention_reg: Annotated[
+        float, typer.Option(min=0.0, help="Attention: weight of the doubly stochastic regulariser.")
+    ] = 1.0,
     out: Annotated[str | None, typer.Option(help="Run directory (default runs/BACKBONE).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
     device: Device = "auto",
@@ -69,7 +83,8 @@ def train(
         backbone=backbone, dataset=dataset, images=images, weights=weights, out=out, epochs=epochs,
         batch_size=batch_size, lr=lr, lr_keep_epochs=lr_keep_epochs, lr_decay=lr_decay, patience=patience,
         threshold=threshold, max_len=max_len, embed_dim=embed_dim, hidden_dim=hidden_dim,
-        num_layers=num_layers, dropout=dropout, feature_input=feature_input, resume=resume, device=device,
+        num_layers=num_layers, dropout=dropout, feature_input=feature_input, decoder=decoder,
+        context_dim=context_dim, attention_dim=attention_dim, attention_reg=attention_reg, resume=resume, device=device,
         seed=seed, workers=workers,
     )
     run_dir = run_training(cfg)
