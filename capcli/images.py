@@ -18,6 +18,10 @@ from capcli.errors import CapcliError
 # Pillow's own default (about 89 megapixels); above twice that Pillow raises, between it warns:
 # we refuse both, since a caption never needs more than a few megapixels.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Decoding is not the only cost: the shorter side is resized to the backbone's size (~256), so the
+# resized image has about 256 x 256 x (long side / short side) pixels. A 441-byte 60000x2 PNG would
+# become 7.7M x 256 (6 GB). Panoramas stay well under this ratio; strips beyond it are refused.
+MAX_ASPECT_RATIO = 50
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -44,6 +48,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_size(width: int, height: int) -> None:
+    """Refuse, before any pixel is decoded or resized, an image too costly to decode or to resize."""
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"image too large ({width}x{height}), refused as a decompression bomb")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(
+            f"image too elongated ({width}x{height}, more than {MAX_ASPECT_RATIO}:1): resizing its shorter "
+            "side would take too much memory; refused as a decompression bomb"
+        )
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image file as 8-bit RGB, upright per its EXIF orientation; ImageError if unusable."""
     path = Path(path)
@@ -55,15 +72,14 @@ def load_rgb(path: str | Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(
-                        f"{path}: image too large ({img.width}x{img.height}), refused as a decompression bomb"
-                    )
+                check_size(img.width, img.height)
                 img.load()
                 img = ImageOps.exif_transpose(img) or img
                 return _to_rgb(img)
-    except ImageError:
-        raise
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+    except MemoryError:
+        raise ImageError(f"{path}: not enough memory to decode this image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{path}: image too large, refused as a decompression bomb") from None
     except OSError as exc:
@@ -79,20 +95,29 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 
 
 def to_input(img: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Resize the shorter side, centre-crop and normalise: float32 [3, S, S]."""
+    """Resize the shorter side, centre-crop and normalise: float32 [3, S, S]; ImageError if too costly."""
     w, h = img.size
+    check_size(w, h)
     scale = prep.resize / min(w, h)
     new_w, new_h = max(prep.input_size, round(w * scale)), max(prep.input_size, round(h * scale))
-    img = img.resize((new_w, new_h), _RESAMPLE[prep.interpolation])
-    left, top = (new_w - prep.input_size) // 2, (new_h - prep.input_size) // 2
-    img = img.crop((left, top, left + prep.input_size, top + prep.input_size))
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    try:
+        img = img.resize((new_w, new_h), _RESAMPLE[prep.interpolation])
+        left, top = (new_w - prep.input_size) // 2, (new_h - prep.input_size) // 2
+        img = img.crop((left, top, left + prep.input_size, top + prep.input_size))
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    except MemoryError:
+        raise ImageError(f"not enough memory to resize this {w}x{h} image to {new_w}x{new_h}") from None
     arr = (arr - np.asarray(prep.mean, dtype=np.float32)) / np.asarray(prep.std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def load_input(path: str | Path, prep: Preprocessing) -> np.ndarray:
-    return to_input(load_rgb(path), prep)
+    """An image file as backbone input; every way it can be unusable is an ImageError naming it."""
+    img = load_rgb(path)
+    try:
+        return to_input(img, prep)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
 
 
 def expand_image_args(args: list[str]) -> tuple[list[Path], list[str]]:

@@ -10,24 +10,7 @@ import numpy as np
 from capcli.backbone import Preprocessing
 from capcli.bundle import read_manifest
 from capcli.errors import CapcliError
-
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-def choose_providers(provider: str) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider == "auto":
-        return PROVIDERS["cuda"] if "CUDAExecutionProvider" in available else PROVIDERS["cpu"]
-    if provider not in PROVIDERS:
-        raise CapcliError(f"unknown provider '{provider}'; use auto, cpu or cuda")
-    if provider == "cuda" and "CUDAExecutionProvider" not in available:
-        raise CapcliError(
-            "--provider cuda asked for, but this onnxruntime has no CUDA provider "
-            f"(available: {', '.join(available)}); install onnxruntime-gpu instead of onnxruntime"
-        )
-    return PROVIDERS[provider]
+from capcli.providers import choose_providers
 
 
 def _session(path: Path, providers: list[str], explicit_cuda: bool):

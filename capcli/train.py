@@ -86,11 +86,24 @@ def encode_split(ds, split: str, vocab, cache, max_len: int) -> CaptionTable:
             rows.append(row_of[image])
             seqs.append(vocab.encode(caption, max_len=max_len))
     if not seqs:
-        raise CapcliError(f"the {split} split has no usable captions")
+        raise CapcliError(no_usable_captions(ds, split, cache))
     tokens = torch.full((len(seqs), max(map(len, seqs))), vocab.pad_id, dtype=torch.long)
     for i, seq in enumerate(seqs):
         tokens[i, : len(seq)] = torch.tensor(seq)
     return CaptionTable(torch.tensor(rows), tokens, images, refs)
+
+
+def no_usable_captions(ds, split: str, cache) -> str:
+    """Why a split has nothing to train or validate on, and what to do about it."""
+    names = ds.splits[split]
+    if not names:
+        return f"the {split} split has no images: the dataset is too small or its split lists leave it empty"
+    reason = cache.failed.get(names[0], f"{names[0]}: not in the feature cache")
+    return (
+        f"the {split} split has no usable captions: none of its {len(names)} images could be read "
+        f"(first: {reason}); images are read from {ds.images_dir}: put them there or pass --images DIR "
+        "(capcli data info lists the missing ones), then rerun: failed images are retried"
+    )
 
 
 # --- distributed -----------------------------------------------------------------------------

@@ -57,3 +57,11 @@ def tiny_attention_run(tmp_path_factory, small_synthetic) -> Path:
         val_sample=20, device="cpu", workers=0, decoder="attention",
     )
     return train(cfg, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def exported_tiny(tmp_path_factory, tiny_run) -> Path:
+    """The tiny run exported to an ONNX bundle, shared by the serving and install tests."""
+    from capcli.export import export
+
+    return export(tiny_run, tmp_path_factory.mktemp("bundles") / "tiny")

@@ -128,3 +128,157 @@ def test_cache_key_changes_with_weights_and_preprocessing(small_synthetic, tmp_p
     keys = {features.cache_dir(tiny, "none", ds), features.cache_dir(other_prep, "none", ds),
             features.cache_dir(tiny, str(weights_file), ds)}
     assert len(keys) == 3
+
+
+# --- issue 9, item 1: the cache is keyed by the image folder and validated against each file ----------
+
+
+def _forward_one(path):
+    import torch
+
+    from capcli.images import load_input
+
+    with torch.inference_mode():
+        x = torch.from_numpy(load_input(path, tiny.preprocessing))[None]
+        return tiny.build("none")(x)[0].numpy()
+
+
+def _counting_build(monkeypatch) -> list[int]:
+    """Patch the tiny backbone so every forward records its batch size."""
+    calls: list[int] = []
+    real_build = type(tiny).build
+
+    def counting_build(self, weights):
+        model = real_build(self, weights)
+        model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        return model
+
+    monkeypatch.setattr(type(tiny), "build", counting_build)
+    return calls
+
+
+def _repaint(path, colour, mtime_ns=None):
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), colour).save(path)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_item1_other_image_folder_with_the_same_names_is_extracted_not_reused(small_synthetic, tmp_path,
+                                                                               fresh_cache):
+    other = tmp_path / "other"
+    other.mkdir()
+    ds = load_dataset(str(small_synthetic))
+    for i, name in enumerate(ds.images):
+        _repaint(other / name, (i % 256, 255 - i % 256, 40))
+    first = features.extract(tiny, ds, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    ds_other = load_dataset(str(small_synthetic), images=str(other))
+    second = features.extract(tiny, ds_other, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    assert second.path != first.path and second.images_dir == str(other.resolve())
+    name = ds.images[7]
+    row = second.row_index()[name]
+    assert np.allclose(second.features[row].astype(np.float32), _forward_one(other / name), atol=1e-2)
+    assert not np.allclose(second.features[row], first.features[row], atol=1e-2)
+
+
+def test_item1_changed_file_is_re_extracted_and_others_are_not(small_synthetic, tmp_path, fresh_cache,
+                                                               monkeypatch):
+    copy = tmp_path / "ds"
+    shutil.copytree(small_synthetic, copy)
+    ds = load_dataset(str(copy))
+    first = features.extract(tiny, ds, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    name = ds.images[3]
+    old_row = np.array(first.features[first.row_index()[name]])
+    stat = ds.image_path(name).stat()
+    _repaint(ds.image_path(name), (250, 0, 0), mtime_ns=stat.st_mtime_ns + 10**9)
+    calls = _counting_build(monkeypatch)
+    again = features.extract(tiny, ds, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    assert calls == [1], "only the changed image is extracted again"
+    row = again.features[again.row_index()[name]].astype(np.float32)
+    assert np.allclose(row, _forward_one(ds.image_path(name)), atol=1e-2)
+    assert not np.allclose(row, old_row, atol=1e-2)
+
+
+def test_item1_same_size_and_new_mtime_alone_is_enough_to_re_extract(small_synthetic, tmp_path, fresh_cache,
+                                                                      monkeypatch):
+    copy = tmp_path / "ds"
+    shutil.copytree(small_synthetic, copy)
+    ds = load_dataset(str(copy))
+    features.extract(tiny, ds, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    path = ds.image_path(ds.images[0])
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))
+    calls = _counting_build(monkeypatch)
+    features.extract(tiny, ds, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    assert calls == [1]
+
+
+def test_item1_image_missing_at_extraction_is_retried_when_it_appears(small_synthetic, tmp_path, fresh_cache):
+    copy = tmp_path / "ds"
+    shutil.copytree(small_synthetic, copy)
+    ds = load_dataset(str(copy))
+    name = ds.images[5]
+    kept = tmp_path / "kept.png"
+    shutil.move(ds.image_path(name), kept)
+    first = features.extract(tiny, ds, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    assert first.complete and name in first.failed
+    shutil.move(kept, ds.image_path(name))
+    again = features.extract(tiny, ds, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    assert name not in again.failed and not again.failed
+    row = again.features[again.row_index()[name]].astype(np.float32)
+    assert np.allclose(row, _forward_one(ds.image_path(name)), atol=1e-2)
+
+
+def test_item1_unchanged_rerun_only_stats_files_even_with_a_failure(small_synthetic, tmp_path, fresh_cache,
+                                                                     monkeypatch):
+    copy = tmp_path / "ds"
+    shutil.copytree(small_synthetic, copy)
+    ds = load_dataset(str(copy))
+    ds.image_path(ds.images[0]).unlink()
+    first = features.extract(tiny, ds, "none", batch_size=16, workers=0, device="cpu", show_progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in first.path.iterdir()}
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("nothing to extract: the model must not be built")
+
+    monkeypatch.setattr(type(tiny), "build", must_not_build)
+    again = features.extract(tiny, ds, "none", batch_size=16, workers=0, device="cpu", show_progress=False)
+    assert list(again.failed) == [ds.images[0]]  # retried, still missing, still listed
+    assert {p.name: p.stat().st_mtime_ns for p in again.path.iterdir()} == stamps  # nothing rewritten
+
+
+def test_item1_split_without_usable_captions_says_why_and_what_to_do(small_synthetic, tmp_path, fresh_cache):
+    from capcli.data.text import build_vocabulary
+    from capcli.errors import CapcliError
+    from capcli.train import encode_split
+
+    copy = tmp_path / "ds"
+    shutil.copytree(small_synthetic, copy)
+    ds = load_dataset(str(copy))
+    for name in ds.splits["val"]:
+        ds.image_path(name).unlink()
+    cache = features.extract(tiny, ds, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    with pytest.raises(CapcliError) as info:
+        encode_split(ds, "val", build_vocabulary(ds, 2), cache, 20)
+    message = str(info.value)
+    assert f"none of its {len(ds.splits['val'])} images could be read" in message
+    assert "no such file" in message and str(ds.images_dir) in message
+    assert "--images" in message and "retried" in message and "\n" not in message
+
+
+# --- issue 9, item 4: an image that would expand in memory is one failed image, on every run -------
+
+
+def test_item4_bomb_inside_a_dataset_is_one_failed_image(small_synthetic, tmp_path, fresh_cache):
+    from PIL import Image
+
+    copy = tmp_path / "ds"
+    shutil.copytree(small_synthetic, copy)
+    ds = load_dataset(str(copy))
+    bomb = ds.images[4]
+    Image.new("L", (2_000_000, 1)).save(ds.image_path(bomb), format="PNG")
+    for _ in range(2):  # the rerun retries it and still completes
+        cache = features.extract(tiny, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False)
+        assert cache.complete and list(cache.failed) == [bomb]
+        assert "too elongated" in cache.failed[bomb]

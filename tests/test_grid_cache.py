@@ -175,16 +175,15 @@ def _captions_only_dataset(folder: Path, n: int) -> Path:
 def _write_complete_grid_cache(ds, backbone) -> int:
     """A complete efficientnet_lite0 grid cache for `ds` (random rows): what extraction would leave."""
     path = features.cache_dir(backbone, "none", ds, "grid")
-    meta, rows, done = features._start(path, backbone, "none", ds, "grid")
-    block = np.random.default_rng(0).standard_normal((256, *rows.shape[1:])).astype(np.float16)
-    for start in range(0, len(rows), 256):
-        stop = min(start + 256, len(rows))
-        rows[start:stop] = block[: stop - start]
-    rows.flush()
-    size = rows.nbytes
-    del rows
-    done[:] = True
-    features._save_mask(path / "done.npy", done)
+    state = features._start(path, backbone, "none", ds, "grid")
+    block = np.random.default_rng(0).standard_normal((256, *state.features.shape[1:])).astype(np.float16)
+    for start in range(0, len(state.features), 256):
+        stop = min(start + 256, len(state.features))
+        state.features[start:stop] = block[: stop - start]
+    state.features.flush()
+    size = state.features.nbytes
+    state.done[:] = True  # the images do not exist: their recorded stats (none) stay valid
+    features._save_array(path / "done.npy", state.done)
     return size
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from capcli import __version__
-from capcli.cli import caption, data, demo, evaluate, export, inspect, train
+from capcli.cli import caption, data, demo, doctor, evaluate, export, inspect, serve, train
 from capcli.console import err, out
 from capcli.errors import CapcliError
+
+# What only `pip install capcli[train]` brings: train, features, export, demo and --runtime torch need it.
+TRAINING_STACK = {"torch", "torchvision", "onnx", "onnxscript", "matplotlib", "kagglehub", "timm"}
+NEEDS_TRAINING_STACK = "this command needs the training stack ({module} is not installed): pip install 'capcli[train]'"
 
 
 class ErrorHandlingGroup(TyperGroup):
@@ -21,6 +26,11 @@ class ErrorHandlingGroup(TyperGroup):
             return super().invoke(ctx)
         except CapcliError as exc:
             err.print(f"[red]error:[/red] {exc}", markup=True)
+            raise typer.Exit(1) from None
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] not in TRAINING_STACK:
+                raise
+            err.print(f"[red]error:[/red] {escape(NEEDS_TRAINING_STACK.format(module=exc.name))}", markup=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted; finished work is kept: rerun the same command to resume "
@@ -60,7 +70,10 @@ app.command("export")(export.export_cmd)
 app.command()(caption.caption)
 app.command("evaluate")(evaluate.evaluate_cmd)
 app.command()(demo.demo)
+app.command()(serve.serve)
 app.add_typer(data.app, name="data")
+app.command()(doctor.doctor)
+app.command("env", hidden=True)(doctor.doctor)
 
 
 def main() -> None:
