@@ -1,6 +1,12 @@
 """The exported bundle's manifest: reading it, and refusing bundles that were altered.
 
 Needs only the standard library: captioning from a bundle must not import torch.
+
+Format version 2 adds the attention decoder: `decoder_kind` says "pooled" or "attention", and `io`
+names the decoder's recurrent `state` inputs (fed from the encoder's h0/c0, then from the step's
+own outputs) and its per-image `context` inputs (fed unchanged at every step from the encoder
+outputs of the same names); an attention bundle also records its `grid` (height x width positions).
+Version 1 bundles (pooled only, no such fields) still read.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from pathlib import Path
 from capcli.errors import CapcliError
 
 FORMAT = "capcli-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "capcli.json"
 
 
@@ -42,13 +49,29 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
     if meta.get("format") != FORMAT:
         raise CapcliError(f"{path}: not a capcli bundle manifest")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CapcliError(
-            f"bundle format version {version!r} is not supported (this capcli reads version {FORMAT_VERSION})"
+            f"bundle format version {version!r} is not supported (this capcli reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     if verify:
         verify_files(folder, meta)
     return meta
+
+
+def decoder_kind(meta: dict) -> str:
+    """'pooled' or 'attention'; version 1 bundles are pooled."""
+    return meta.get("decoder_kind", "pooled")
+
+
+def state_inputs(meta: dict) -> list[str]:
+    """The decoder's recurrent inputs, in the order the encoder outputs their initial values."""
+    return list(meta.get("io", {}).get("state", ["h", "c"]))
+
+
+def context_inputs(meta: dict) -> list[str]:
+    """The decoder's per-image context inputs (none for a pooled decoder)."""
+    return list(meta.get("io", {}).get("context", []))
 
 
 def verify_files(folder: Path, meta: dict) -> None:

@@ -24,6 +24,9 @@ def caption(
     temperature: Annotated[float, typer.Option(min=1e-3, help="Softmax temperature for --sample.")] = 1.0,
     top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest words (0 = all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed for --sample.")] = 0,
+    attention: Annotated[
+        bool, typer.Option("--attention", help="Attention decoder: per-word attention in --json, heatmaps in --html.")
+    ] = False,
 ) -> None:
     """Caption images with an exported bundle (ONNX Runtime) or a run (PyTorch)."""
     import json
@@ -44,7 +47,7 @@ def caption(
 
     sampling = Sampling(temperature, top_k, seed) if sample else None
     results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size,
-                             n_best=min(beams, beam_size), on_result=show, sampling=sampling)
+                             n_best=min(beams, beam_size), on_result=show, sampling=sampling, attention=attention)
     if not as_json:
         from rich.table import Table
 
@@ -62,7 +65,9 @@ def caption(
         from capcli.report import write_html
 
         rows = [{"image": r.image, "caption": r.caption or "", "score": r.score, "error": r.error,
-                 "alternatives": [list(a) for a in r.alternatives[1:]]} for r in results]
+                 "alternatives": [list(a) for a in r.alternatives[1:]],
+                 **({"attention": r.attention, "grid": r.grid, "preprocessing": captioner.preprocessing}
+                    if r.attention is not None else {})} for r in results]
         out.print(f"report: {write_html(html, rows, title='capcli captions')}")
     if problems or any(r.error for r in results):
         raise typer.Exit(1)
