@@ -89,14 +89,70 @@ def word_attention(vocab, hyp: Hypothesis) -> list[tuple[str, np.ndarray]]:
     return [(vocab.decode([t]) or vocab.itos[t], alpha) for t, alpha in zip(hyp.tokens, hyp.attention, strict=True)]
 
 
+# Images per encoder run, whatever --batch-size is: the encoder's activations grow with the batch (a
+# batch of 1000 took 17 GB), while decoding a large batch at once costs little and is what makes it fast.
+ENCODE_CHUNK = 16
+
+
 def _batches(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
+def find_images(args: list[str]) -> tuple[list[str], list[str]]:
+    """Image arguments -> (image paths, one problem line per argument that gave none).
+
+    A file argument is kept exactly as given (even when its name looks like a glob: `[1].jpg`); a folder
+    gives its images, sorted; a glob its matches. An empty argument is an error, not the current folder.
+    """
+    from capcli.errors import CapcliError
+    from capcli.images import IMAGE_SUFFIXES, expand_image_args
+
+    found: list[str] = []
+    problems: list[str] = []
+    for arg in args:
+        if not arg.strip():
+            raise CapcliError("an image argument is empty (''); name files, folders or globs")
+        if Path(arg).is_file() or not (Path(arg).is_dir() or any(ch in arg for ch in "*?[")):
+            found.append(arg)  # missing files are reported in order, as a failed image
+            continue
+        paths, arg_problems = expand_image_args([arg])
+        problems.extend(arg_problems)
+        if Path(arg).is_dir() and not paths:
+            problems.append(f"{arg}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        found.extend(str(p) for p in paths)
+    if not found:
+        raise CapcliError(problems[0] if len(problems) == 1 else f"no images to caption: {'; '.join(problems)}")
+    return found, problems
+
+
+def _encode_chunks(captioner, paths: list, results: list[CaptionResult]):
+    """Load and encode in chunks of ENCODE_CHUNK; unusable images get their error.
+
+    -> (state, per-image context, encoded rows); (None, (), rows) when no image could be read.
+    """
+    starts, rows = [], []
+    for chunk in _batches(list(enumerate(paths)), ENCODE_CHUNK):
+        arrays = []
+        for row, path in chunk:
+            try:
+                arrays.append(load_input(path, captioner.preprocessing))
+                rows.append(row)
+            except ImageError as exc:
+                results[row].error = str(exc)
+        if arrays:
+            starts.append(start_batch(captioner, np.stack(arrays)))
+    if not starts:
+        return None, (), rows
+    axes = captioner.state_batch_axes
+    state = tuple(np.concatenate([st[i] for st, _ in starts], axis=axis) for i, axis in enumerate(axes))
+    context = tuple(np.concatenate([ctx[i] for _, ctx in starts], axis=0) for i in range(len(starts[0][1])))
+    return state, context, rows
+
+
 def caption_images(
     captioner,
-    paths: list[Path],
+    paths: list[Path] | list[str],
     beam_size: int = 3,
     batch_size: int = 8,
     n_best: int = 1,
@@ -106,7 +162,9 @@ def caption_images(
 ) -> list[CaptionResult]:
     """Caption every image; unusable ones get an error result and the rest go on.
 
-    attention: keep, per caption word, the attention weights over the grid (attention decoders only).
+    `batch_size` images are decoded together; they are encoded ENCODE_CHUNK at a time, so memory stays
+    bounded however large the batch. attention: keep, per caption word, the attention weights over the
+    grid (attention decoders only).
     """
     from capcli.errors import CapcliError
 
@@ -115,24 +173,17 @@ def caption_images(
         raise CapcliError("attention maps need a model with the attention decoder; this one is pooled")
     results: list[CaptionResult] = []
     for chunk in _batches(list(paths), batch_size):
-        ready, arrays = [], []
-        for path in chunk:
-            try:
-                arrays.append(load_input(path, captioner.preprocessing))
-                ready.append(CaptionResult(str(path)))
-            except ImageError as exc:
-                ready.append(CaptionResult(str(path), error=str(exc)))
-        good = [r for r in ready if r.error is None]
-        if good:
-            state, context = start_batch(captioner, np.stack(arrays))
+        ready = [CaptionResult(str(path)) for path in chunk]
+        state, context, rows = _encode_chunks(captioner, chunk, ready)
+        if state is not None:
             decoded = decode_hypotheses(captioner, state, beam_size, n_best, sampling=sampling, context=context)
-            for result, hyps in zip(good, decoded, strict=True):
+            for row, hyps in zip(rows, decoded, strict=True):
                 options = [(captioner.vocab.decode(h.tokens), float(h.score)) for h in hyps]
-                result.caption, result.score = options[0]
-                result.alternatives = options if n_best > 1 else []
+                ready[row].caption, ready[row].score = options[0]
+                ready[row].alternatives = options if n_best > 1 else []
                 if attention:
-                    result.attention = word_attention(captioner.vocab, hyps[0])
-                    result.grid = (grid.height, grid.width)
+                    ready[row].attention = word_attention(captioner.vocab, hyps[0])
+                    ready[row].grid = (grid.height, grid.width)
         for r in ready:
             results.append(r)
             if on_result:

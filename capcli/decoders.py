@@ -18,8 +18,8 @@ from capcli.attention import AttentionConfig, AttentionDecoder
 from capcli.backbone import Backbone, _first_problem
 from capcli.errors import CapcliError
 from capcli.model import CaptionDecoder, DecoderConfig
+from capcli.train_options import DECODER_KINDS as KINDS
 
-KINDS = ("pooled", "attention")
 _CONFIGS = {"pooled": DecoderConfig, "attention": AttentionConfig}
 _MODULES = {"pooled": CaptionDecoder, "attention": AttentionDecoder}
 

@@ -33,10 +33,16 @@ def rss_mb(pid: int) -> float:
 
 
 @contextmanager
-def running_server(bundle: Path, *options: str, python: str = sys.executable, startup_s: float = 120):
-    """`capcli serve BUNDLE` in a child process on a free port; yields (base URL, process)."""
+def running_server(bundle: Path, *options: str, python: str = sys.executable, pythonpath: bool = True,
+                   startup_s: float = 120):
+    """`capcli serve BUNDLE` in a child process on a free port; yields (base URL, process).
+
+    pythonpath: run this checkout's capcli (False: the one installed for `python`, e.g. in a venv).
+    """
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     cmd = [python, "-m", "capcli", "serve", str(bundle), "--port", str(port), "--provider", "cpu", *options]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -282,3 +282,157 @@ def test_item4_bomb_inside_a_dataset_is_one_failed_image(small_synthetic, tmp_pa
         cache = features.extract(tiny, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False)
         assert cache.complete and list(cache.failed) == [bomb]
         assert "too elongated" in cache.failed[bomb]
+
+
+# --- issue 9, item 10: a full disk during extraction is one line, never a SIGBUS, and corrupts nothing ----
+
+EXTRACT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from capcli import features
+from capcli.data.readers import load_dataset
+from capcli.errors import CapcliError
+import tiny_backbone
+try:
+    features.extract(getattr(tiny_backbone, {backbone!r}), load_dataset({dataset!r}), "none", batch_size=8,
+                     workers=0, device="cpu", show_progress=False)
+except CapcliError as exc:
+    print(f"error: {{exc}}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root and the right to mount, as in CI)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # lazy: a test may still map a file there
+
+
+def _extract_in_subprocess(backbone: str, dataset, cache) -> subprocess.CompletedProcess:
+    script = EXTRACT_SCRIPT.format(tests=str(TESTS), backbone=backbone, dataset=str(dataset))
+    return subprocess.run([sys.executable, "-c", script], env={**os.environ, "CAPCLI_CACHE": str(cache)},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_item10_feature_file_that_does_not_fit_is_one_line_and_keeps_other_caches(small_synthetic, small_disk,
+                                                                                    monkeypatch):
+    from tiny_backbone import wide
+
+    monkeypatch.setenv("CAPCLI_CACHE", str(small_disk))
+    ds = load_dataset(str(small_synthetic))
+    small = features.extract(tiny, ds, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    before = np.array(small.features)
+    # 120 images x 8192 x 2 bytes = 1.9 MiB: more than the 1 MiB disk holds.
+    with pytest.raises(features.CapcliError) as info:
+        features.extract(wide, ds, "none", batch_size=32, workers=0, device="cpu", show_progress=False)
+    message = str(info.value)
+    assert "No space left on device" in message and "CAPCLI_CACHE" in message and "\n" not in message
+    wide_dir = features.cache_dir(wide, "none", ds)
+    assert not (wide_dir / "features.npy").exists() and not (wide_dir / "meta.json").exists()
+    assert np.array_equal(np.asarray(features.open_cache(tiny, "none", ds).features), before)
+
+
+def test_item10_disk_full_mid_run_is_one_line_not_sigbus_and_resumes(small_synthetic, small_disk, tmp_path,
+                                                                      monkeypatch):
+    from tiny_backbone import wide
+
+    few = tmp_path / "few"  # 50 images: the feature file (0.78 MiB) fits the 1 MiB disk
+    shutil.copytree(small_synthetic, few)
+    lines = (few / "captions.txt").read_text().splitlines()
+    (few / "captions.txt").write_text("\n".join(lines[: 1 + 50 * 5]) + "\n")
+    ds = load_dataset(str(few))
+    monkeypatch.setenv("CAPCLI_CACHE", str(small_disk))
+    partial = features.extract(wide, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False,
+                               stop_after_batches=2)
+    assert partial.done.sum() == 16
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # another program fills the disk
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"\0" * 4096)
+    run = _extract_in_subprocess("wide", few, small_disk)
+    assert run.returncode == 1, f"rc {run.returncode} (-7 is SIGBUS): {run.stderr[-2000:]}"
+    errors = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write the feature cache")
+    assert "No space left on device" in errors[0]
+    filler.unlink()
+    resumed = features.extract(wide, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False)
+    monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "clean"))
+    clean = features.extract(wide, ds, "none", batch_size=8, workers=0, device="cpu", show_progress=False)
+    assert resumed.complete and np.array_equal(np.asarray(resumed.features), np.asarray(clean.features))
+
+
+# --- issue 9, item 11: Ctrl-C during `capcli features` prints one "interrupted" line, no worker tracebacks --
+
+CLI_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import capcli.registry
+import tiny_backbone
+capcli.registry.get_backbone = lambda name: tiny_backbone.tiny
+from capcli.cli.app import main
+sys.argv = ["capcli", "features", "--backbone", "tiny", "--weights", "none", "--dataset", {dataset!r},
+            "--workers", "2", "--batch-size", "4", "--device", "cpu"]
+main()
+"""
+
+
+class _SigintDisposition:
+    """A dataset whose items say how the process loading them handles SIGINT."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_item11_loader_workers_ignore_ctrl_c():
+    loader = features.image_loader(_SigintDisposition(), batch_size=1, workers=2, device="cpu",
+                                   collate_fn=lambda items: items[0])
+    assert list(loader) == [1, 1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process keeps Ctrl-C
+
+
+def test_item11_ctrl_c_during_features_is_one_line_and_resumes(small_synthetic, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "cache"))
+    ds = load_dataset(str(small_synthetic))
+    done_file = features.cache_dir(tiny, "none", ds) / "done.npy"
+    script = CLI_SCRIPT.format(tests=str(TESTS), dataset=str(small_synthetic))
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TINY_BACKBONE_DELAY": "0.2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (done_file.exists() and np.load(done_file).sum() >= 8):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    messages = [line for line in stderr.splitlines() if line.strip() and not line.lstrip().startswith("features")]
+    assert len(messages) == 1 and messages[0].startswith("interrupted"), stderr[-3000:]
+    killed_at = int(np.load(done_file).sum())
+    assert 0 < killed_at < len(ds.images)
+    resumed = features.extract(tiny, ds, "none", batch_size=4, workers=0, device="cpu", show_progress=False)
+    assert resumed.complete and not resumed.failed
+
+
+def test_bad_extraction_options_are_one_error_line(small_synthetic):
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    for args in (["--batch-size", "0"], ["--workers", "-1"]):
+        result = CliRunner().invoke(app, ["features", "--backbone", "efficientnet_lite0", "--dataset",
+                                          str(small_synthetic), *args])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {args[0]} must be"), result.stderr

@@ -18,7 +18,7 @@ from capcli.bundle import read_manifest
 from capcli.caption import Sampling, caption_images, open_captioner
 from capcli.cli import app as cli_app
 from capcli.serve import batcher as batcher_module
-from capcli.serve.app import ServeSettings, create_app
+from capcli.serve.app import ServeSettings, create_app, hypothesis_json, image_result
 from capcli.serve.batcher import DecodeOptions, MicroBatcher, ServerBusy
 
 ROOT = Path(__file__).parents[1]
@@ -101,6 +101,18 @@ def test_bad_uploads_get_a_4xx_json_error_naming_the_problem(client, case):
     assert response.status_code == status, response.text
     assert phrase in response.json()["error"]
     assert client.get("/healthz").status_code == 200
+
+
+def test_hypotheses_with_attention_pass_through_as_json():
+    weights = np.full((3, 4), 0.25, np.float32)
+    assert hypothesis_json(("a cat", np.float32(-0.5))) == {"caption": "a cat", "score": -0.5}
+    assert hypothesis_json(("a cat", -0.5, weights)) == {"caption": "a cat", "score": -0.5,
+                                                          "attention": weights.tolist()}
+    assert hypothesis_json({"caption": "a cat", "score": -0.5, "attention": weights}) == {
+        "caption": "a cat", "score": -0.5, "attention": weights.tolist()}
+    result = image_result("cat.jpg", [("a cat", -0.5, weights), ("a dog", -0.9, weights)])
+    assert result["attention"] == weights.tolist() and [a["caption"] for a in result["alternatives"]] == [
+        "a cat", "a dog"]
 
 
 # ---------------------------------------------------------------------------------------------------------

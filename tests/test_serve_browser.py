@@ -25,6 +25,23 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+# An attention bundle's result: per generated word (and <end>), weights over a 7x7 grid, peaking in turn.
+FAKE_ATTENTION_RESULT = {
+    "caption": "a cat", "score": -0.5, "alternatives": [{"caption": "a cat", "score": -0.5}],
+    "attention": [[1.0 if p == peak else 0.01 for p in range(49)] for peak in (8, 24, 40)],
+}
+# The page's own code draws it into a new card, on the photo already shown; answers the heat maps' labels.
+SHOW_ATTENTION = """
+const [result, done] = [arguments[0], arguments[arguments.length - 1]];
+fetch(document.querySelector(".card:not(.failed) img").src).then(r => r.blob()).then(blob => {
+  const card = newCard(new File([blob], "attention.jpg", {type: blob.type}));
+  showResult(card, result, {total: 1, read: 0, queue: 0, encode: 1, decode: 0});
+  const labels = () => [...card.querySelectorAll(".attention figcaption")].map(f => f.textContent);
+  const wait = () => card.querySelectorAll(".attention canvas").length ? done(labels()) : setTimeout(wait, 50);
+  wait();
+});
+"""
+
 
 @pytest.fixture(scope="module")
 def browser():
@@ -63,6 +80,9 @@ def test_upload_a_photo_and_see_the_pipelines_caption(browser, exported_tiny, tm
         WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".card.failed"))
         failed = browser.find_element(By.CSS_SELECTOR, ".card.failed .caption").text
         assert failed == "notes.txt: not an image"
+
+        labels = browser.execute_async_script(SHOW_ATTENTION, FAKE_ATTENTION_RESULT)
+        assert labels == ["a", "cat", "<end>"]
 
         ARTEFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTEFACTS / "serve-page.png"

@@ -42,7 +42,7 @@ def test_resume_keeps_the_runs_decoder_and_refuses_the_other(tiny_attention_run,
     run = tmp_path / "run"
     shutil.copytree(tiny_attention_run, run)
     before = (run / "last.pt").read_bytes()
-    with pytest.raises(CapcliError, match="trained with the attention decoder, not pooled; use --decoder attention"):
+    with pytest.raises(CapcliError, match=r"options differ: --decoder 'pooled' \(the run has 'attention'\)"):
         train(_config(run, small_synthetic, decoder="pooled"), show_progress=False)
     assert (run / "last.pt").read_bytes() == before
     train(_config(run, small_synthetic), show_progress=False)  # no --decoder: the run's own
@@ -53,7 +53,14 @@ def test_resume_keeps_the_runs_decoder_and_refuses_the_other(tiny_attention_run,
 def test_resume_of_a_pooled_run_as_attention_is_refused(tiny_run, tmp_path, small_synthetic):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    with pytest.raises(CapcliError, match="trained with the pooled decoder, not attention"):
+    with pytest.raises(CapcliError, match=r"--decoder 'attention' \(the run has 'pooled'\)"):
+        train(_config(run, small_synthetic, decoder="attention"), show_progress=False)
+    # A run from before decoder kinds records none: it is pooled, and still refused as attention.
+    old = checkpoint.load(run / "last.pt")
+    old.pop("decoder")
+    old["train_config"].pop("decoder")
+    checkpoint.save(run / "last.pt", {k: v for k, v in old.items() if k != "format"})
+    with pytest.raises(CapcliError, match="trained with the pooled decoder, not attention; use --decoder pooled"):
         train(_config(run, small_synthetic, decoder="attention"), show_progress=False)
 
 

@@ -37,13 +37,14 @@ def backbones(
         out.print_json(json.dumps(rows))
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="capcli backbones")
     for col in ("name", "feature dim", "grid", "input", "weights", "distribution", "version"):
         table.add_column(col)
     for r in rows:
         if "error" in r:
-            table.add_row(r["name"], "[red]failed to load[/red]", "", "", r["error"], r["distribution"], r["version"])
+            table.add_row(r["name"], Text("failed to load", "red"), "", "", r["error"], r["distribution"], r["version"])
         else:
             grid = "x".join(map(str, r["grid"])) if r["grid"] else "none (pooled only)"
             table.add_row(
