@@ -58,7 +58,8 @@ def test_resume_of_a_pooled_run_as_attention_is_refused(tiny_run, tmp_path, smal
     # A run from before decoder kinds records none: it is pooled, and still refused as attention.
     old = checkpoint.load(run / "last.pt")
     old.pop("decoder")
-    old["train_config"].pop("decoder")
+    for option in ("decoder", "context_dim", "attention_dim", "attention_reg"):
+        old["train_config"].pop(option)
     checkpoint.save(run / "last.pt", {k: v for k, v in old.items() if k != "format"})
     with pytest.raises(CapcliError, match="trained with the pooled decoder, not attention; use --decoder pooled"):
         train(_config(run, small_synthetic, decoder="attention"), show_progress=False)
@@ -109,7 +110,7 @@ def test_feature_input_is_a_pooled_option(small_synthetic, tmp_path):
 
 
 def test_unknown_decoder_is_refused(small_synthetic, tmp_path):
-    with pytest.raises(CapcliError, match="unknown decoder 'lstm'; use pooled or attention"):
+    with pytest.raises(CapcliError, match="--decoder must be pooled or attention \\(got 'lstm'\\)"):
         train(_config(tmp_path / "x", small_synthetic, decoder="lstm", resume=False), show_progress=False)
 
 
