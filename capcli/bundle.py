@@ -6,6 +6,12 @@ match its sha256, and `load_vocabulary` ties vocab.json to the manifest. The run
 graphs' shapes against the same manifest (capcli.runtime_onnx).
 
 Needs only the standard library: captioning from a bundle must not import torch.
+
+Format version 3 adds the attention decoder: `decoder_kind` says "pooled" or "attention", and `io`
+names the decoder's recurrent `state` inputs (fed from the encoder's h0/c0, then from the step's
+own outputs) and its per-image `context` inputs (fed unchanged at every step from the encoder
+outputs of the same names); an attention bundle also records its `grid` (height x width positions,
+row-major). Version 2 bundles (pooled, without those fields) still read.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from capcli.errors import CapcliError
 
 FORMAT = "capcli-bundle"
 # 2: graphs carry capcli metadata (vocabulary and model hashes); every file is hashed.
-FORMAT_VERSION = 2
+# 3: the attention decoder: decoder_kind, the decoder's state and context inputs, the grid.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # a version 2 bundle is a pooled one
+DECODER_KINDS = ("pooled", "attention")
 MANIFEST = "capcli.json"
 INTERPOLATIONS = ("bilinear", "bicubic")
 SPECIAL_TOKENS = ("pad", "start", "end", "unk")  # ids 0-3 of every capcli vocabulary
@@ -103,6 +112,12 @@ def _mapping(v: Any) -> str | None:
     return None if isinstance(v, dict) else f"must be an object, not {_kind(v)}"
 
 
+def _names(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        return "must be a list of input names"
+    return None
+
+
 def plain_name_problem(name: Any) -> str | None:
     """Bundle files are plain names inside the bundle folder: no folders, no '..', nothing absolute."""
     if not isinstance(name, str) or not name:
@@ -145,6 +160,14 @@ SCHEMA: list[tuple[str, Check, bool]] = [
     ("source_checkpoint", _text, False),
     ("source_checkpoint_sha256", _sha256, False),
     ("dataset", _mapping, False),
+    ("decoder_kind", _one_of(*DECODER_KINDS), False),
+    ("io", _mapping, False),
+    ("io.state", _names, False),
+    ("io.context", _names, False),
+    ("grid", _mapping, False),
+    ("grid.height", _integer(1, MAX_INPUT_SIZE), False),
+    ("grid.width", _integer(1, MAX_INPUT_SIZE), False),
+    ("grid.channels", _integer(1), False),
 ]
 
 _ABSENT = object()
@@ -191,6 +214,24 @@ def _check_consistency(meta: dict, where: str) -> None:
     for role, name in meta["files"].items():
         if name not in meta["sha256"]:
             raise ManifestError(f"{where}: 'sha256' has no entry for {name} (files.{role}); every file is hashed")
+    _check_decoder_kind(meta, where)
+
+
+def _check_decoder_kind(meta: dict, where: str) -> None:
+    """Format 3 names its decoder kind; an attention bundle has a grid and context inputs, a pooled one neither."""
+    if meta.get("format_version", 0) >= 3 and "decoder_kind" not in meta:
+        raise ManifestError(f"{where}: 'decoder_kind' is missing")
+    attention = decoder_kind(meta) == "attention"
+    if attention and "grid" not in meta:
+        raise ManifestError(f"{where}: 'grid' is missing (an attention bundle needs its height and width)")
+    for key in ("decoder.context_dim", "decoder.attention_dim", "grid.height", "grid.width") if attention else ():
+        value = _lookup(meta, key)
+        problem = "is missing" if value is _ABSENT else _integer(1)(value)
+        if problem:
+            raise ManifestError(f"{where}: '{key}' {problem}")
+    if attention != bool(context_inputs(meta)):
+        need = "needs" if attention else "cannot have"
+        raise ManifestError(f"{where}: 'io.context' is wrong: a {decoder_kind(meta)} decoder {need} context inputs")
 
 
 # --- reading a bundle ------------------------------------------------------------------------------------
@@ -211,15 +252,30 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a capcli bundle manifest")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CapcliError(
-            f"bundle format version {version!r} is not supported (this capcli reads version {FORMAT_VERSION}); "
-            "export the run again with this capcli"
+            f"bundle format version {version!r} is not supported (this capcli reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); export the run again with this capcli"
         )
     validate_manifest(meta, str(path))
     if verify:
         verify_files(folder, meta)
     return meta
+
+
+def decoder_kind(meta: dict) -> str:
+    """'pooled' or 'attention'; bundles from before format 3 are pooled."""
+    return meta.get("decoder_kind", "pooled")
+
+
+def state_inputs(meta: dict) -> list[str]:
+    """The decoder's recurrent inputs, in the order the encoder outputs their initial values."""
+    return list(meta.get("io", {}).get("state", ["h", "c"]))
+
+
+def context_inputs(meta: dict) -> list[str]:
+    """The decoder's per-image context inputs (none for a pooled decoder)."""
+    return list(meta.get("io", {}).get("context", []))
 
 
 def bundle_file(folder: Path, name: str) -> Path:

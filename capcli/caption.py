@@ -1,7 +1,9 @@
 """Captioning images with either runtime: load, preprocess, encode, decode (greedy or beam).
 
-A captioner has `preprocessing`, `vocab`, `max_len`, `step` (the decode Step) and
-`encode(images) -> (h0, c0)`; both ONNX Runtime and PyTorch ones do. No torch import here.
+A captioner has `preprocessing`, `vocab`, `max_len`, `step` (the decode step), `grid` (the attention
+grid, or None for a pooled decoder) and `start(images) -> (state, context)`: the initial (h0, c0) and
+the per-image context an attention decoder reads (empty for a pooled one). Both ONNX Runtime and
+PyTorch captioners do. No torch import here.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capcli.decode import beam_search, greedy, sample
+from capcli.decode import Hypothesis, beam_search, greedy, sample
 from capcli.images import ImageError, load_input
 
 
@@ -23,11 +25,20 @@ class CaptionResult:
     score: float | None = None  # length-normalised log-probability
     alternatives: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    # With attention maps asked for: each caption word with the weights over the grid [H*W] it was
+    # predicted with, and the grid's (height, width).
+    attention: list[tuple[str, np.ndarray]] | None = None
+    grid: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
         d = {"image": self.image, "caption": self.caption, "score": self.score}
         if self.alternatives:
             d["beams"] = [{"caption": c, "score": s} for c, s in self.alternatives]
+        if self.attention is not None and self.grid is not None:
+            d["attention"] = {
+                "grid": list(self.grid),
+                "words": [{"word": w, "alpha": [round(float(a), 5) for a in alpha]} for w, alpha in self.attention],
+            }
         if self.error:
             d["error"] = self.error
         return d
@@ -42,22 +53,40 @@ class Sampling:
     seed: int = 0
 
 
-def decode_states(captioner, state, beam_size: int, n_best: int = 1, max_len: int | None = None,
-                  sampling: Sampling | None = None):
-    """Initial states of a batch -> per image, a list of (caption, score) best first."""
+def decode_hypotheses(captioner, state, beam_size: int, n_best: int = 1, max_len: int | None = None,
+                      sampling: Sampling | None = None, context=()) -> list[list[Hypothesis]]:
+    """Initial states (and per-image context) of a batch -> per image, its hypotheses best first."""
     vocab, max_len = captioner.vocab, max_len or captioner.max_len
     if sampling is not None:
         rng = np.random.default_rng(sampling.seed)
         hyps = sample(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len,
-                      temperature=sampling.temperature, top_k=sampling.top_k, rng=rng)
-        return [[(vocab.decode(h.tokens), float(h.score))] for h in hyps]
+                      temperature=sampling.temperature, top_k=sampling.top_k, rng=rng, context=context)
+        return [[h] for h in hyps]
     if beam_size <= 1:
-        hyps = greedy(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len)
-        return [[(vocab.decode(h.tokens), float(h.score))] for h in hyps]
-    beams = beam_search(
-        captioner.step, state, vocab.start_id, vocab.end_id, beam_size=beam_size, max_len=max_len, n_best=n_best
-    )
-    return [[(vocab.decode(h.tokens), float(h.score)) for h in per_image] for per_image in beams]
+        hyps = greedy(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len, context=context)
+        return [[h] for h in hyps]
+    return beam_search(captioner.step, state, vocab.start_id, vocab.end_id, beam_size=beam_size, max_len=max_len,
+                       n_best=n_best, context=context)
+
+
+def decode_states(captioner, state, beam_size: int, n_best: int = 1, max_len: int | None = None,
+                  sampling: Sampling | None = None, context=()):
+    """Initial states (and per-image context) of a batch -> per image, a list of (caption, score) best first."""
+    decoded = decode_hypotheses(captioner, state, beam_size, n_best, max_len, sampling, context)
+    return [[(captioner.vocab.decode(h.tokens), float(h.score)) for h in per_image] for per_image in decoded]
+
+
+def start_batch(captioner, images: np.ndarray):
+    """(state, context) for a batch; captioners without `start` (pooled only) give their state and no context."""
+    if hasattr(captioner, "start"):
+        return captioner.start(images)
+    return captioner.encode(images), ()
+
+
+def word_attention(vocab, hyp: Hypothesis) -> list[tuple[str, np.ndarray]]:
+    """Each generated word with the attention weights it was predicted with."""
+    assert hyp.attention is not None
+    return [(vocab.decode([t]) or vocab.itos[t], alpha) for t, alpha in zip(hyp.tokens, hyp.attention, strict=True)]
 
 
 # Images per encoder run, whatever --batch-size is: the encoder's activations grow with the batch (a
@@ -98,8 +127,11 @@ def find_images(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _encode_chunks(captioner, paths: list, results: list[CaptionResult]):
-    """Load and encode in chunks of ENCODE_CHUNK; unusable images get their error. -> (state, encoded rows)."""
-    states, rows = [], []
+    """Load and encode in chunks of ENCODE_CHUNK; unusable images get their error.
+
+    -> (state, per-image context, encoded rows); (None, (), rows) when no image could be read.
+    """
+    starts, rows = [], []
     for chunk in _batches(list(enumerate(paths)), ENCODE_CHUNK):
         arrays = []
         for row, path in chunk:
@@ -109,12 +141,13 @@ def _encode_chunks(captioner, paths: list, results: list[CaptionResult]):
             except ImageError as exc:
                 results[row].error = str(exc)
         if arrays:
-            states.append(captioner.encode(np.stack(arrays)))
-    if not states:
-        return None, rows
+            starts.append(start_batch(captioner, np.stack(arrays)))
+    if not starts:
+        return None, (), rows
     axes = captioner.state_batch_axes
-    state = tuple(np.concatenate([s[i] for s in states], axis=axis) for i, axis in enumerate(axes))
-    return state, rows
+    state = tuple(np.concatenate([st[i] for st, _ in starts], axis=axis) for i, axis in enumerate(axes))
+    context = tuple(np.concatenate([ctx[i] for _, ctx in starts], axis=0) for i in range(len(starts[0][1])))
+    return state, context, rows
 
 
 def caption_images(
@@ -125,21 +158,32 @@ def caption_images(
     n_best: int = 1,
     on_result: Callable[[CaptionResult], None] | None = None,
     sampling: Sampling | None = None,
+    attention: bool = False,
 ) -> list[CaptionResult]:
     """Caption every image; unusable ones get an error result and the rest go on.
 
     `batch_size` images are decoded together; they are encoded ENCODE_CHUNK at a time, so memory stays
-    bounded however large the batch.
+    bounded however large the batch. attention: keep, per caption word, the attention weights over the
+    grid (attention decoders only).
     """
+    from capcli.errors import CapcliError
+
+    grid = getattr(captioner, "grid", None)
+    if attention and grid is None:
+        raise CapcliError("attention maps need a model with the attention decoder; this one is pooled")
     results: list[CaptionResult] = []
     for chunk in _batches(list(paths), batch_size):
         ready = [CaptionResult(str(path)) for path in chunk]
-        state, rows = _encode_chunks(captioner, chunk, ready)
+        state, context, rows = _encode_chunks(captioner, chunk, ready)
         if state is not None:
-            decoded = decode_states(captioner, state, beam_size, n_best, sampling=sampling)
-            for row, options in zip(rows, decoded, strict=True):
+            decoded = decode_hypotheses(captioner, state, beam_size, n_best, sampling=sampling, context=context)
+            for row, hyps in zip(rows, decoded, strict=True):
+                options = [(captioner.vocab.decode(h.tokens), float(h.score)) for h in hyps]
                 ready[row].caption, ready[row].score = options[0]
                 ready[row].alternatives = options if n_best > 1 else []
+                if attention:
+                    ready[row].attention = word_attention(captioner.vocab, hyps[0])
+                    ready[row].grid = (grid.height, grid.width)
         for r in ready:
             results.append(r)
             if on_result:

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from capcli.errors import CapcliError
-from capcli.model import CaptionDecoder, DecoderConfig
 
 FORMAT = "capcli-checkpoint/1"
 
@@ -40,14 +39,24 @@ def load(path: str | Path) -> dict:
     return ckpt
 
 
-def build_decoder(ckpt: dict) -> CaptionDecoder:
-    decoder = CaptionDecoder(DecoderConfig(**ckpt["config"]))
-    decoder.load_state_dict(ckpt["model"])
-    return decoder.eval()
+def build_decoder(ckpt: dict) -> torch.nn.Module:
+    """The checkpoint's decoder (pooled or attention, as it records) with its weights, in eval mode."""
+    from capcli import decoders
+
+    return decoders.load(ckpt)
 
 
-def check_matches(ckpt: dict, backbone_name: str, feature_dim: int, vocab_sha256: str | None = None) -> None:
-    """A clear error when a checkpoint meets a backbone or vocabulary it was not trained with."""
+def check_matches(
+    ckpt: dict, backbone_name: str, feature_dim: int, vocab_sha256: str | None = None, decoder: str | None = None
+) -> None:
+    """A clear error when a checkpoint meets a backbone, vocabulary or decoder kind it was not trained with."""
+    from capcli import decoders
+
+    if decoder is not None and decoders.kind_of(ckpt) != decoder:
+        raise CapcliError(
+            f"checkpoint was trained with the {decoders.kind_of(ckpt)} decoder, not {decoder}; "
+            f"use --decoder {decoders.kind_of(ckpt)} or another --out"
+        )
     if ckpt["backbone"] != backbone_name:
         raise CapcliError(
             f"checkpoint was trained on backbone '{ckpt['backbone']}', not '{backbone_name}'"

@@ -42,7 +42,7 @@ class Hypothesis:
     attention: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
-def _run(step: Step | ContextStep, tokens: np.ndarray, state: State, context: Context):
+def run_step(step: Step | ContextStep, tokens: np.ndarray, state: State, context: Context = ()):
     """One step of either kind -> (log_probs, state, attention weights or None)."""
     if not context:
         log_probs, state = step(tokens, state)  # type: ignore[call-arg]
@@ -94,7 +94,7 @@ def _walk(
     log_prob = np.zeros(n)
     finished = np.zeros(n, dtype=bool)
     for _ in range(max_len):
-        log_probs, state, alpha = _run(step, tokens, state, context)
+        log_probs, state, alpha = run_step(step, tokens, state, context)
         tokens = np.asarray(choose(log_probs), dtype=np.int64)
         live = ~finished
         log_prob[live] += log_probs[rows, tokens][live]
@@ -232,7 +232,7 @@ def beam_search(
     pools: list[list[Hypothesis]] = [[] for _ in range(b)]
     done = np.zeros(b, dtype=bool)
     for length in range(1, max_len + 1):
-        log_probs, state, alpha = _run(step, tokens, state, context)
+        log_probs, state, alpha = run_step(step, tokens, state, context)
         vocab = log_probs.shape[1]
         total = beam_lp[:, :, None] + log_probs.reshape(b, k, vocab)
         index, value = _top_k(total.reshape(b, k * vocab), k)

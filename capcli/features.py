@@ -10,6 +10,10 @@ Rows are flushed, then their file stats saved, before the 'done' mask that vouch
 (atomically) replaced, so a run killed at any point resumes without redoing finished batches and
 never leaves a cache that loads but is wrong. The feature file is preallocated, so a full disk
 is an error up front rather than a SIGBUS from the memory map.
+
+With output="grid" the rows are the backbone's feature grid before pooling, [N, P, C] (P = H*W
+positions, row-major), for the attention decoder; the key adds the grid. Such caches are ~50x
+larger, so training reads them row by row (`capcli.feature_rows`) instead of loading the array.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from capcli.paths import atomic_write_bytes, atomic_write_json, cache_root, desc
 
 FORMAT = "capcli-features/2"
 NO_FILE = -1  # size and mtime recorded for a file that could not be stat'ed
+OUTPUTS = ("pooled", "grid")
 
 
 @dataclass
@@ -41,7 +46,7 @@ class FeatureCache:
 
     path: Path
     meta: dict
-    features: np.ndarray  # [N, D] float16, memory-mapped read-only
+    features: np.ndarray  # [N, D] float16 (grid: [N, P, C]), memory-mapped read-only
     done: np.ndarray  # [N] bool
 
     @property
@@ -69,13 +74,18 @@ class _Progress:
     """The writable state of a cache being filled: rows, their file stats, what is done."""
 
     meta: dict
-    features: np.ndarray  # [N, D] float16, memory-mapped read-write
+    features: np.ndarray  # [N, D] float16 (grid: [N, P, C]), memory-mapped read-write
     stats: np.ndarray  # [N, 2] int64: size and mtime_ns of the file each row was read from
     done: np.ndarray  # [N] bool
 
 
 def cache_key(
-    backbone: Backbone, weights: str, images: list[str], dataset_fingerprint: str, images_dir: str | Path
+    backbone: Backbone,
+    weights: str,
+    images: list[str],
+    dataset_fingerprint: str,
+    images_dir: str | Path,
+    output: str = "pooled",
 ) -> str:
     ident = {
         "format": FORMAT,
@@ -87,12 +97,27 @@ def cache_key(
         "images": hashlib.sha256("\n".join(images).encode()).hexdigest(),
         "images_dir": str(Path(images_dir).resolve()),
     }
+    if output == "grid":  # pooled keys stay as they are
+        ident |= {"output": "grid", "grid": backbone.require_grid().to_dict()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cache_dir(backbone: Backbone, weights: str, dataset) -> Path:
-    key = cache_key(backbone, weights, dataset.images, dataset.fingerprint(), dataset.images_dir)
-    return cache_root() / "features" / f"{dataset.name}-{backbone.name}-{key}"
+def cache_dir(backbone: Backbone, weights: str, dataset, output: str = "pooled") -> Path:
+    _check_output(output)
+    key = cache_key(backbone, weights, dataset.images, dataset.fingerprint(), dataset.images_dir, output)
+    kind = "-grid" if output == "grid" else ""
+    return cache_root() / "features" / f"{dataset.name}-{backbone.name}{kind}-{key}"
+
+
+def _check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise CapcliError(f"unknown feature output '{output}'; one of {', '.join(OUTPUTS)}")
+
+
+def row_shape(meta: dict) -> tuple[int, ...]:
+    """One image's features: (D,) pooled, (P, C) for a grid."""
+    grid = meta.get("grid")
+    return (grid["height"] * grid["width"], grid["channels"]) if grid else (meta["feature_dim"],)
 
 
 def file_stats(paths: list[Path]) -> np.ndarray:
@@ -120,7 +145,7 @@ def _save_array(path: Path, array: np.ndarray) -> None:
 def _open(path: Path, meta: dict) -> FeatureCache:
     features = np.load(path / "features.npy", mmap_mode="r")
     done = np.load(path / "done.npy")
-    if features.shape != (len(meta["images"]), meta["feature_dim"]) or done.shape != (len(meta["images"]),):
+    if features.shape != (len(meta["images"]), *row_shape(meta)) or done.shape != (len(meta["images"]),):
         raise CapcliError(f"feature cache {path} is damaged (shapes disagree); delete the folder and rerun")
     return FeatureCache(path, meta, features, done)
 
@@ -129,9 +154,9 @@ def _is_started(path: Path) -> bool:
     return all((path / name).is_file() for name in ("meta.json", "done.npy", "stats.npy", "features.npy"))
 
 
-def open_cache(backbone: Backbone, weights: str, dataset) -> FeatureCache | None:
-    """The complete cache for this backbone/weights/dataset, or None (files are not re-checked here)."""
-    path = cache_dir(backbone, weights, dataset)
+def open_cache(backbone: Backbone, weights: str, dataset, output: str = "pooled") -> FeatureCache | None:
+    """The complete cache for this backbone/weights/dataset (and output), or None (files are not re-checked here)."""
+    path = cache_dir(backbone, weights, dataset, output)
     if not _is_started(path):
         return None
     cache = _open(path, json.loads((path / "meta.json").read_text()))
@@ -151,7 +176,7 @@ def _cache_writes(path: Path, needed_bytes: int):
         raise CapcliError(f"{exc}; {hint}") from None
 
 
-def _start(path: Path, backbone: Backbone, weights: str, dataset) -> _Progress:
+def _start(path: Path, backbone: Backbone, weights: str, dataset, output: str = "pooled") -> _Progress:
     """Reopen the cache files an earlier run left, or create them."""
     if _is_started(path):
         meta = json.loads((path / "meta.json").read_text())
@@ -171,8 +196,10 @@ def _start(path: Path, backbone: Backbone, weights: str, dataset) -> _Progress:
         "images": list(dataset.images),
         "failed": {},
     }
+    if output == "grid":
+        meta |= {"output": "grid", "grid": backbone.require_grid().to_dict()}
     n = len(meta["images"])
-    features = _create_feature_file(path / "features.npy", (n, backbone.feature_dim))
+    features = _create_feature_file(path / "features.npy", (n, *row_shape(meta)))
     state = _Progress(meta, features, np.full((n, 2), NO_FILE, dtype=np.int64), np.zeros(n, dtype=bool))
     # Order matters: data file, stats and mask, then meta; a run only trusts a folder with all of them.
     _save_array(path / "stats.npy", state.stats)
@@ -181,7 +208,7 @@ def _start(path: Path, backbone: Backbone, weights: str, dataset) -> _Progress:
     return state
 
 
-def _create_feature_file(file: Path, shape: tuple[int, int]) -> np.ndarray:
+def _create_feature_file(file: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A zeroed float16 memmap whose blocks are all reserved on disk now."""
     try:
         features = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
@@ -318,19 +345,25 @@ def extract(
     device: str = "auto",
     show_progress: bool = True,
     stop_after_batches: int | None = None,
+    output: str = "pooled",
 ) -> FeatureCache:
     """Extract features for every image of `dataset` not validly cached yet; returns the cache.
 
     Resumes an interrupted run, re-extracts images whose file changed since their row was made,
-    and retries images that failed before.
+    and retries images that failed before. output: "pooled" ([N, D] rows) or "grid" ([N, P, C]
+    rows, for backbones that declare a grid).
     """
     _check_options(batch_size, workers)
+    _check_output(output)
+    row = (backbone.require_grid().positions, backbone.require_grid().channels) if output == "grid" else (
+        backbone.feature_dim,
+    )
     device = resolve_device(device)
-    path = cache_dir(backbone, weights, dataset)
+    path = cache_dir(backbone, weights, dataset, output)
     paths = [dataset.image_path(name) for name in dataset.images]
-    needed = len(paths) * backbone.feature_dim * 2
+    needed = len(paths) * int(np.prod(row)) * 2
     with _cache_writes(path, needed):
-        state = _start(path, backbone, weights, dataset)
+        state = _start(path, backbone, weights, dataset, output)
         pending = _pending_rows(path, state, paths)
     if pending:
         if workers is None:
@@ -338,14 +371,14 @@ def extract(
         if len(pending) <= batch_size:
             workers = 0  # one batch: starting worker processes would cost more than it hides
         _extract_rows(backbone, weights, path, state, pending, paths, batch_size, workers, device,
-                      show_progress, stop_after_batches)
+                      show_progress, stop_after_batches, output)
     meta = state.meta
     del state
     return _open(path, meta)
 
 
 def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, workers, device,
-                  show_progress, stop_after_batches) -> None:
+                  show_progress, stop_after_batches, output="pooled") -> None:
     import torch
 
     from capcli.console import progress
@@ -356,20 +389,24 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
     # Built now, so a weights problem shows before any image is read; but when only failed images
     # are retried, only once one of them reads (usually none does, and no model is needed).
     retry_only = all(state.meta["images"][row] in state.meta["failed"] for row in pending)
-    model = None if retry_only else _build(backbone, weights, device)
+    model = None if retry_only else _build(backbone, weights, device, output)
     n_images, needed = len(state.done), state.features.size * 2
     with progress(transient=not show_progress) as bar:
-        task = bar.add_task(f"features {backbone.name}", total=n_images, info="")
+        what = f"{backbone.name} grid" if output == "grid" else backbone.name
+        task = bar.add_task(f"features {what}", total=n_images, info="")
         bar.update(task, completed=n_images - len(pending))
         start, seen = time.perf_counter(), 0
         for n_batch, (rows, batch, failed, stats) in enumerate(loader):
             out = None
             if batch is not None:
                 if model is None:
-                    model = _build_or_clear(bar, backbone, weights, device)
+                    model = _build_or_clear(bar, backbone, weights, device, output)
                 with torch.inference_mode(), torch.autocast("cuda", enabled=amp, dtype=torch.float16):
                     x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                    out = model(x).float().cpu().numpy().astype(np.float16)
+                    out = model(x)
+                    if output == "grid":  # [B, C, H, W] -> [B, P, C], P = H*W row-major
+                        out = out.flatten(2).transpose(1, 2)
+                    out = out.float().cpu().numpy().astype(np.float16)
             with _cache_writes(path, needed):
                 _commit(path, state, rows, out, failed, stats)
             seen += len(rows) + len(failed)
@@ -379,29 +416,31 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
                 break
 
 
-def _build(backbone: Backbone, weights: str, device: str):
+def _build(backbone: Backbone, weights: str, device: str, output: str = "pooled"):
     import torch
 
     # channels_last: ~1.7x faster convolutions on CPU (oneDNN) and tensor cores alike.
-    return backbone.build(weights).to(device, memory_format=torch.channels_last)
+    build = backbone.build_grid if output == "grid" else backbone.build
+    return build(weights).to(device, memory_format=torch.channels_last)
 
 
-def _build_or_clear(bar, backbone: Backbone, weights: str, device: str):
+def _build_or_clear(bar, backbone: Backbone, weights: str, device: str, output: str = "pooled"):
     """The model, built under a progress bar: a build error (offline weights, bad file) clears the bar
     first, so the user sees one line."""
     try:
-        return _build(backbone, weights, device)
+        return _build(backbone, weights, device, output)
     except BaseException:
         bar.live.transient = True
         raise
 
 
-def load_features(backbone: Backbone, weights: str, dataset) -> FeatureCache:
+def load_features(backbone: Backbone, weights: str, dataset, output: str = "pooled") -> FeatureCache:
     """The complete cache, or a clear error saying how to make it."""
-    cache = open_cache(backbone, weights, dataset)
+    cache = open_cache(backbone, weights, dataset, output)
     if cache is None:
+        grid = " --grid" if output == "grid" else ""
         raise CapcliError(
-            f"no complete feature cache for {backbone.name} ({weights}) on {dataset.name}; "
-            f"run: capcli features --backbone {backbone.name} --dataset {dataset.name}"
+            f"no complete {output} feature cache for {backbone.name} ({weights}) on {dataset.name}; "
+            f"run: capcli features --backbone {backbone.name} --dataset {dataset.name}{grid}"
         )
     return cache

@@ -6,8 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
-from capcli.backbone import Preprocessing
-from capcli.bundle import GRAPH_MODEL_KEY, GRAPH_VOCAB_KEY, MANIFEST, bundle_file, load_vocabulary, read_manifest
+from capcli.backbone import Grid, Preprocessing
+from capcli.bundle import (
+    GRAPH_MODEL_KEY,
+    GRAPH_VOCAB_KEY,
+    MANIFEST,
+    bundle_file,
+    context_inputs,
+    decoder_kind,
+    load_vocabulary,
+    read_manifest,
+)
 from capcli.errors import CapcliError
 from capcli.providers import choose_providers
 
@@ -43,7 +52,8 @@ class GraphMismatch(CapcliError):
 
 
 class GraphChecker:
-    """The shapes the manifest promises: image size S, layers L, hidden size H, vocabulary V."""
+    """The shapes the manifest promises: image size S, layers L, hidden size H, vocabulary V, and for an
+    attention bundle the context arrays [B, P, C'] and [B, P, A] and the weights alpha [B, P]."""
 
     def __init__(self, folder: Path, meta: dict):
         self.folder = folder
@@ -52,27 +62,41 @@ class GraphChecker:
         self.layers = meta["decoder"]["num_layers"]
         self.hidden = meta["decoder"]["hidden_dim"]
         self.vocab_size = meta["vocab_size"]
+        self.context: dict[str, list] = {}  # context input -> its shape, in the encoder's output order
+        self.positions = None
+        if decoder_kind(meta) == "attention":
+            grid, config = meta["grid"], meta["decoder"]
+            self.positions = grid["height"] * grid["width"]
+            dims = {"grid": config["context_dim"], "projection": config["attention_dim"]}
+            self.context = {n: [None, self.positions, dims[n]] for n in context_inputs(meta)}
 
     @property
     def state_shape(self) -> list:
         return [self.layers, None, self.hidden]
 
+    def encoder_outputs(self, batch: int | None = None) -> list[list]:
+        state = [self.layers, batch, self.hidden]
+        return [[batch, *shape[1:]] for shape in self.context.values()] + [state, state]
+
     def check_encoder(self, sess, name: str) -> None:
         self._check_metadata(sess, name)
         self._check_values(name, "input", sess.get_inputs(), {"images": [None, 3, self.size, self.size]})
-        self._check_values(name, "output", sess.get_outputs(), [self.state_shape, self.state_shape])
+        self._check_values(name, "output", sess.get_outputs(), self.encoder_outputs())
 
     def check_decoder(self, sess, name: str) -> None:
         self._check_metadata(sess, name)
         state = self.state_shape
-        self._check_values(name, "input", sess.get_inputs(), {"tokens": [None], "h": state, "c": state})
-        self._check_values(name, "output", sess.get_outputs(), [[None, self.vocab_size], state, state])
+        inputs = {"tokens": [None], "h": state, "c": state, **self.context}
+        self._check_values(name, "input", sess.get_inputs(), inputs)
+        alpha = [[None, self.positions]] if self.context else []
+        self._check_values(name, "output", sess.get_outputs(), [[None, self.vocab_size], state, state, *alpha])
         # One step on a batch of one: the shapes a graph declares can be symbolic, what it returns is not.
         zeros = np.zeros((self.layers, 1, self.hidden), np.float32)
         tokens = np.array([self.meta["special_tokens"]["start"]], np.int64)
-        outputs = _run(sess, name, {"tokens": tokens, "h": zeros, "c": zeros})
+        context = {n: np.zeros([1, *shape[1:]], np.float32) for n, shape in self.context.items()}
+        outputs = _run(sess, name, {"tokens": tokens, "h": zeros, "c": zeros, **context})
         self.check_arrays(name, outputs, [[1, self.vocab_size], [self.layers, 1, self.hidden],
-                                          [self.layers, 1, self.hidden]])
+                                          [self.layers, 1, self.hidden], *([[1, self.positions]] if alpha else [])])
 
     def check_arrays(self, name: str, arrays: list[np.ndarray], expected: list[list]) -> None:
         for i, (array, want) in enumerate(zip(arrays, expected, strict=True)):
@@ -124,18 +148,27 @@ def _shape(dims: list) -> str:
 
 
 class OnnxStep:
-    """The decode Step interface over decoder.onnx."""
+    """The decode step over decoder.onnx: (tokens, h, c) -> (log_probs, h', c').
 
-    def __init__(self, session, name: str = "decoder.onnx"):
+    With context input names (an attention bundle) it is a ContextStep: the context arrays are fed
+    as those inputs and the attention weights come back as the fourth output.
+    """
+
+    def __init__(self, session, name: str = "decoder.onnx", context_names: tuple[str, ...] | list[str] = ()):
         self.session = session
         self.name = name
+        self.context_names = tuple(context_names)
 
-    def __call__(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]):
+    def __call__(self, tokens: np.ndarray, state: tuple[np.ndarray, ...], context: tuple[np.ndarray, ...] = ()):
         h, c = state
-        log_probs, h, c = _run(self.session, self.name, {
-            "tokens": tokens.astype(np.int64), "h": np.ascontiguousarray(h), "c": np.ascontiguousarray(c)
-        })
-        return log_probs, (h, c)
+        feeds = {"tokens": tokens.astype(np.int64), "h": np.ascontiguousarray(h), "c": np.ascontiguousarray(c)}
+        if len(context) != len(self.context_names):
+            raise ValueError(f"{self.name} takes context {self.context_names}, got {len(context)} arrays")
+        feeds.update((name, np.ascontiguousarray(x)) for name, x in zip(self.context_names, context, strict=True))
+        outputs = _run(self.session, self.name, feeds)
+        if self.context_names:
+            return outputs[0], (outputs[1], outputs[2]), outputs[3]
+        return outputs[0], (outputs[1], outputs[2])
 
 
 class OnnxCaptioner:
@@ -156,15 +189,24 @@ class OnnxCaptioner:
         checker.check_encoder(self.encoder, files["encoder"])
         decoder = _session(bundle_file(self.folder, files["decoder"]), providers, explicit)
         checker.check_decoder(decoder, files["decoder"])
-        self.step = OnnxStep(decoder, files["decoder"])
+        self.kind = decoder_kind(self.meta)
+        self.context_names = context_inputs(self.meta)
+        self.step = OnnxStep(decoder, files["decoder"], self.context_names)
         self.checker = checker
+        self.grid = Grid.from_dict(self.meta["grid"]) if self.kind == "attention" else None
         self.providers = self.encoder.get_providers()
         self.preprocessing = Preprocessing.from_dict(self.meta["preprocessing"])
         self.max_len = int(self.meta["max_len"])
 
-    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def start(self, images: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+        """Preprocessed images [B,3,S,S] -> (initial state (h0, c0), per-image context)."""
         name = self.meta["files"]["encoder"]
-        h, c = _run(self.encoder, name, {"images": images.astype(np.float32)})
-        state = [self.checker.layers, len(images), self.checker.hidden]
-        self.checker.check_arrays(name, [h, c], [state, state])
-        return h, c
+        names = [o.name for o in self.encoder.get_outputs()]
+        outputs = _run(self.encoder, name, {"images": images.astype(np.float32)})
+        self.checker.check_arrays(name, outputs, self.checker.encoder_outputs(len(images)))
+        by_name = dict(zip(names, outputs, strict=True))
+        return (by_name["h0"], by_name["c0"]), tuple(by_name[n] for n in self.context_names)
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Preprocessed images -> initial state (h0, c0); decoding an attention bundle also needs `start`'s context."""
+        return self.start(images)[0]

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capcli import checkpoint
+from capcli import checkpoint, decoders
+from capcli.attention import AttentionDecoder, AttentionStep, grid_positions
 from capcli.backbone import Preprocessing
 from capcli.model import CaptionDecoder, DecoderStep
 
@@ -26,6 +27,28 @@ class TorchStep:
         return log_probs.float().cpu().numpy(), (h.float().cpu().numpy(), c.float().cpu().numpy())
 
 
+class TorchAttentionStep:
+    """The decode ContextStep interface over AttentionStep: context = (grid, projection), numpy in and out."""
+
+    def __init__(self, decoder: AttentionDecoder, device: str = "cpu"):
+        self.step = AttentionStep(decoder).eval()
+        self.device = device
+
+    @torch.inference_mode()
+    def __call__(self, tokens: np.ndarray, state: tuple[np.ndarray, ...], context: tuple[np.ndarray, ...]):
+        h, c, grid, projection = (torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in (*state, *context))
+        log_probs, h, c, alpha = self.step(torch.from_numpy(tokens).to(self.device), h, c, grid, projection)
+        numpy = [t.float().cpu().numpy() for t in (log_probs, h, c, alpha)]
+        return numpy[0], (numpy[1], numpy[2]), numpy[3]
+
+
+def torch_step(decoder, device: str = "cpu"):
+    """The numpy step for either decoder kind."""
+    if isinstance(decoder, AttentionDecoder):
+        return TorchAttentionStep(decoder, device)
+    return TorchStep(decoder, device)
+
+
 class TorchCaptioner:
     """Encoder (backbone + state init) and step in PyTorch, sharing the Captioner interface with ONNX."""
 
@@ -38,22 +61,30 @@ class TorchCaptioner:
 
         ckpt = checkpoint.load(_checkpoint_of(source))
         self.backbone_spec = get_backbone(ckpt["backbone"])
-        checkpoint.check_matches(ckpt, self.backbone_spec.name, self.backbone_spec.feature_dim)
+        self.kind = decoders.kind_of(ckpt)
+        checkpoint.check_matches(ckpt, self.backbone_spec.name, decoders.feature_dim(self.backbone_spec, self.kind))
         self.decoder = checkpoint.build_decoder(ckpt).to(device)
-        self.backbone = self.backbone_spec.build(weights or ckpt["weights"]).to(device)
+        build = self.backbone_spec.build_grid if self.kind == "attention" else self.backbone_spec.build
+        self.backbone = build(weights or ckpt["weights"]).to(device)
+        self.grid = self.backbone_spec.grid if self.kind == "attention" else None
         self.vocab = Vocabulary.from_json(ckpt["vocab"])
         self.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
         self.max_len = int(ckpt["max_len"])
         self.device = device
-        self.step = TorchStep(self.decoder, device)
+        self.step = torch_step(self.decoder, device)
         self.checkpoint = ckpt
 
     @torch.inference_mode()
-    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Preprocessed images [B,3,S,S] float32 -> initial state (h0, c0)."""
+    def start(self, images: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+        """Preprocessed images [B,3,S,S] float32 -> (initial state (h0, c0), per-image context)."""
         features = self.backbone(torch.from_numpy(images).to(self.device))
-        h, c = self.decoder.init_state(features)
-        return h.float().cpu().numpy(), c.float().cpu().numpy()
+        if self.kind == "attention":
+            features = grid_positions(features)
+        return decoders.start(self.decoder, features)
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Preprocessed images [B,3,S,S] float32 -> initial state (h0, c0)."""
+        return self.start(images)[0]
 
 
 def _checkpoint_of(source: str | Path) -> Path:

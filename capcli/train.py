@@ -1,6 +1,8 @@
 """Training the caption decoder on cached features: one plain loop, read top to bottom.
 
 Whole captions go through the LSTM in one forward with teacher forcing; the loss ignores padding.
+`decoder` picks the pooled decoder (one feature vector per image) or the attention decoder (the
+backbone's feature grid, read batch by batch from its cache file); the loop is the same for both.
 Run under `torchrun -m capcli train ...` it becomes DistributedDataParallel (NCCL on GPU, gloo on
 CPU): every rank takes its share of each epoch's shuffled captions and only rank 0 writes.
 """
@@ -11,18 +13,21 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capcli import checkpoint
+from capcli import checkpoint, decoders
+from capcli.attention import AttentionConfig, doubly_stochastic
+from capcli.batches import feature_source, grouped_order
 from capcli.console import err, progress
 from capcli.errors import CapcliError
-from capcli.model import CaptionDecoder, DecoderConfig
+from capcli.model import DecoderConfig
 from capcli.paths import atomic_write_json, atomic_write_text
+
+DEFAULT_DECODER = "attention"  # better on every measured figure (benchmarks/bench_decoders.py)
 
 
 @dataclass
@@ -45,7 +50,11 @@ class TrainConfig:
     hidden_dim: int = 512
     num_layers: int = 1
     dropout: float = 0.3
-    feature_input: bool = False  # image also as the LSTM's first input step
+    feature_input: bool = False  # image also as the LSTM's first input step (pooled decoder)
+    decoder: str | None = None  # "pooled" or "attention" (needs a grid); None: DEFAULT_DECODER, or the resumed run's
+    context_dim: int = 256  # attention: grid channels after the learned per-image projection
+    attention_dim: int = 256  # attention: hidden size of the additive attention
+    attention_reg: float = 1.0  # attention: lambda of the doubly stochastic regularisation
     val_sample: int = 200  # images captioned (greedy) per epoch for BLEU-4 / CIDEr
     seed: int = 0
     device: str = "auto"
@@ -149,21 +158,40 @@ def all_equal_checksums(model: torch.nn.Module, world: int) -> list[float]:
 # --- one epoch -------------------------------------------------------------------------------
 
 
-def batches_for_rank(n: int, batch_size: int, epoch_seed: int, rank: int, world: int) -> list[torch.Tensor]:
-    """This rank's batches of caption indices; every rank gets the same number of batches."""
+def batches_for_rank(
+    n: int, batch_size: int, epoch_seed: int, rank: int, world: int, groups: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """This rank's batches of caption indices; every rank gets the same number of batches.
+
+    With `groups` (each caption's image row) the captions of one image are kept adjacent, so a batch
+    holds few images with several captions each (see `capcli.batches.grouped_order`).
+    """
     g = torch.Generator().manual_seed(epoch_seed)
-    perm = torch.randperm(n, generator=g)
+    perm = torch.randperm(n, generator=g) if groups is None else grouped_order(groups, g)
     per_rank = n // world
     mine = perm[rank * per_rank : (rank + 1) * per_rank] if world > 1 else perm
     return list(mine.split(batch_size))
 
 
-def caption_loss(model, features: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]; padding ignored."""
-    logits = model(features, tokens[:, :-1])
+def caption_loss(
+    model, inputs: torch.Tensor | dict, tokens: torch.Tensor, pad_id: int, reg: float = 0.0
+) -> tuple[torch.Tensor, int, float]:
+    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]; padding ignored.
+
+    `inputs`: pooled features [N, D], or the decoder's keyword inputs (see `capcli.batches`). An
+    attention decoder adds reg x its doubly stochastic regulariser over the real steps. Returns the
+    loss to minimise, the number of predicted tokens and the regulariser's share of the loss.
+    """
+    inputs = {"features": inputs} if isinstance(inputs, torch.Tensor) else inputs
+    out = model(**inputs, tokens=tokens[:, :-1])
+    logits, alphas = out if isinstance(out, tuple) else (out, None)
     targets = tokens[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id)
-    return loss, int((targets != pad_id).sum())
+    penalty = 0.0
+    if alphas is not None and reg:
+        term = reg * doubly_stochastic(alphas, (targets != pad_id).float())
+        loss, penalty = loss + term, float(term.detach())
+    return loss, int((targets != pad_id).sum()), penalty
 
 
 def trim(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -173,41 +201,48 @@ def trim(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 def run_epoch(model, table, feats, opt, cfg, epoch, rank, world, device, bar, task) -> dict:
-    """One pass over this rank's shuffled captions; a single process stops at a non-finite loss."""
+    """One pass over this rank's shuffled captions (`feats`: a `capcli.batches` source); a single process
+    stops at a non-finite loss."""
     model.train()
     amp = device.startswith("cuda")
-    pad = model.module.cfg.pad_id if hasattr(model, "module") else model.cfg.pad_id
-    batches = batches_for_rank(len(table.rows), cfg.batch_size, cfg.seed * 1000 + epoch, rank, world)
+    model_cfg = model.module.cfg if hasattr(model, "module") else model.cfg
+    pad, reg = model_cfg.pad_id, getattr(model_cfg, "attention_reg", 0.0)
+    groups = table.rows if isinstance(model_cfg, AttentionConfig) else None
+    batches = batches_for_rank(len(table.rows), cfg.batch_size, cfg.seed * 1000 + epoch, rank, world, groups)
     bar.reset(task, total=len(batches))
-    total_loss, total_tokens, start = 0.0, 0, time.perf_counter()
-    for idx in batches:
+    total_loss, total_penalty, total_tokens, start = 0.0, 0.0, 0, time.perf_counter()
+    for idx, inputs in feats.batches(table.rows, batches):
         tokens = trim(table.tokens[idx], pad).to(device, non_blocking=True)
-        features = feats[table.rows[idx]].to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss, n_tokens = caption_loss(model, features, tokens, pad)
+            loss, n_tokens, penalty = caption_loss(model, inputs, tokens, pad, reg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
         opt.step()
         value = loss.item()
-        total_loss += value * n_tokens
+        total_loss += (value - penalty) * n_tokens
+        total_penalty += penalty * n_tokens
         total_tokens += n_tokens
         rate = total_tokens * world / (time.perf_counter() - start)
         bar.update(task, advance=1, info=f"loss {value:.3f}  {rate:,.0f} tok/s")
         if not math.isfinite(value) and world == 1:
             break  # the epoch's loss is now not finite and the run stops; DDP ranks decide together
     seconds = time.perf_counter() - start
-    return {"train_loss": total_loss / max(total_tokens, 1), "tokens_per_s": total_tokens * world / seconds,
-            "epoch_seconds": seconds}
+    stats = {"train_loss": total_loss / max(total_tokens, 1), "tokens_per_s": total_tokens * world / seconds,
+             "epoch_seconds": seconds}
+    if groups is not None:  # the cross-entropy above is comparable with the pooled decoder's; this is extra
+        stats["attention_penalty"] = total_penalty / max(total_tokens, 1)
+    return stats
 
 
 @torch.no_grad()
 def validation_loss(decoder, table, feats, device, batch_size: int = 256) -> float:
+    """Mean cross-entropy over the validation captions (no regulariser: comparable across decoders)."""
     decoder.eval()
     total, count = 0.0, 0
-    for idx in torch.arange(len(table.rows)).split(batch_size):
+    for idx, inputs in feats.batches(table.rows, list(torch.arange(len(table.rows)).split(batch_size))):
         tokens = trim(table.tokens[idx], decoder.cfg.pad_id).to(device)
-        loss, n = caption_loss(decoder, feats[table.rows[idx]].to(device), tokens, decoder.cfg.pad_id)
+        loss, n, _ = caption_loss(decoder, inputs, tokens, decoder.cfg.pad_id)
         total += loss.item() * n
         count += n
     return total / max(count, 1)
@@ -218,13 +253,12 @@ def generated_scores(decoder, table, feats, cache, vocab, sample: int, device) -
     """BLEU-4 and CIDEr-D of greedy captions on a bounded, fixed sample of validation images."""
     from capcli.decode import greedy
     from capcli.metrics import score_captions
-    from capcli.runtime_torch import TorchStep
+    from capcli.runtime_torch import torch_step
 
     images = table.images[:sample]
     row_of = cache.row_index()
-    feats_sel = feats[[row_of[i] for i in images]].to(device)
-    h, c = decoder.init_state(feats_sel)
-    hyps = greedy(TorchStep(decoder, device), (h.cpu().numpy(), c.cpu().numpy()), vocab.start_id, vocab.end_id)
+    state, context = decoders.start(decoder, feats.images([row_of[i] for i in images]))
+    hyps = greedy(torch_step(decoder, device), state, vocab.start_id, vocab.end_id, context=context)
     candidates = {img: vocab.decode(h.tokens) for img, h in zip(images, hyps, strict=True)}
     scores = score_captions({i: table.references[i] for i in images}, candidates, meteor=False, tokenizer="simple")
     return {"val_bleu4": scores.values["BLEU-4"], "val_cider": scores.values["CIDEr-D"]}
@@ -318,36 +352,37 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
     backbone = get_backbone(cfg.backbone)
+    if cfg.decoder is None:  # a run from before decoder kinds keeps its own (pooled); a new one the default
+        cfg = replace(cfg, decoder=decoders.kind_of(resume_ckpt) if resume_ckpt is not None else DEFAULT_DECODER)
+    output = decoders.feature_output(cfg.decoder)
+    feature_dim = decoders.feature_dim(backbone, cfg.decoder)  # names the plugin when it has no grid
+    if cfg.feature_input and cfg.decoder != "pooled":
+        raise CapcliError("--feature-input is an option of the pooled decoder; the attention decoder reads the grid")
+    if resume_ckpt is not None:  # before extracting: a decoder mix-up must not cost a feature pass
+        checkpoint.check_matches(resume_ckpt, backbone.name, feature_dim, decoder=cfg.decoder)
     ds = load_dataset(cfg.dataset, images=cfg.images, seed=cfg.seed)
     for note in ds.notes if rank == 0 else []:
         err.print(f"note: {note}", markup=False)
     check_coverage(ds, cfg.threshold)
     vocab = build_vocabulary(ds, cfg.threshold)
     if resume_ckpt is not None:
-        checkpoint.check_matches(resume_ckpt, backbone.name, backbone.feature_dim, vocab.sha256)
+        checkpoint.check_matches(resume_ckpt, backbone.name, feature_dim, vocab.sha256, decoder=cfg.decoder)
     out = prepare_run_dir(cfg) if rank == 0 else run_dir(cfg)
 
     if rank == 0:  # features are extracted once, by one process
-        extract(backbone, ds, cfg.weights, cfg.feature_batch_size, cfg.workers, device, show_progress)
+        extract(backbone, ds, cfg.weights, cfg.feature_batch_size, cfg.workers, device, show_progress,
+                output=output)
     barrier(world)
-    cache = load_features(backbone, cfg.weights, ds)
+    cache = load_features(backbone, cfg.weights, ds, output)
     if cache.failed and rank == 0:
         err.print(f"{len(cache.failed)} images could not be read and are left out (see {cache.path}/meta.json)")
-    feats = torch.from_numpy(np.array(cache.features))  # float16 copy in RAM; float32 per batch
-    if device.startswith("cuda"):
-        # Features are small (COCO at 2048-d is ~0.5 GB in float16): keep them on the GPU and
-        # index batches there, so no host-to-device copy sits in the training loop.
-        feats = feats.to(device)
+    feats = feature_source(cache, output, device)
 
     train_table = encode_split(ds, "train", vocab, cache, cfg.max_len)
     val_table = encode_split(ds, "val", vocab, cache, cfg.max_len)
 
-    model_cfg = DecoderConfig(
-        feature_dim=backbone.feature_dim, vocab_size=len(vocab), embed_dim=cfg.embed_dim,
-        hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout, pad_id=vocab.pad_id,
-        feature_input=cfg.feature_input,
-    )
-    decoder = CaptionDecoder(model_cfg).to(device)
+    model_cfg = decoder_config(cfg, feature_dim, len(vocab), vocab.pad_id)
+    decoder = decoders.build(cfg.decoder, model_cfg).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     history: list[dict] = []
@@ -372,7 +407,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             "config": model_cfg.to_dict(), "model": decoder.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "epoch": epoch, "best_val_loss": best_loss, "stale": stale,
             "history": history, "vocab": vocab.to_json(), "vocab_sha256": vocab.sha256,
-            "backbone": backbone.name, "weights": cfg.weights, "feature_dim": backbone.feature_dim,
+            "backbone": backbone.name, "weights": cfg.weights, "feature_dim": feature_dim, "decoder": cfg.decoder,
+            "grid": backbone.require_grid().to_dict() if cfg.decoder == "attention" else None,
             "preprocessing": backbone.preprocessing.to_dict(), "max_len": cfg.max_len,
             "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(), "train_config": asdict(cfg),
             "rng": rng,
@@ -416,6 +452,16 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     if world > 1:
         torch.distributed.destroy_process_group()
     return out
+
+
+def decoder_config(cfg: TrainConfig, feature_dim: int, vocab_size: int, pad_id: int):
+    """The decoder's config for this run: the options both kinds share, and the kind's own."""
+    common = {"feature_dim": feature_dim, "vocab_size": vocab_size, "embed_dim": cfg.embed_dim,
+              "hidden_dim": cfg.hidden_dim, "num_layers": cfg.num_layers, "dropout": cfg.dropout, "pad_id": pad_id}
+    if decoders.check_kind(cfg.decoder) == "attention":
+        return AttentionConfig(**common, context_dim=cfg.context_dim, attention_dim=cfg.attention_dim,
+                               attention_reg=cfg.attention_reg)
+    return DecoderConfig(**common, feature_input=cfg.feature_input)
 
 
 def print_epoch(s: dict) -> None:

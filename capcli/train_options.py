@@ -17,6 +17,7 @@ from capcli.errors import CapcliError
 MAX_DIM = 8192
 MAX_LAYERS = 16
 MAX_SEED = 2**31 - 1  # the seed also seeds numpy (>= 0) and per-epoch shuffles (seed * 1000 + epoch)
+DECODER_KINDS = ("pooled", "attention")
 # Options that may differ when a run is resumed: how long and where it runs, not what it learns.
 CHANGEABLE_ON_RESUME = frozenset({"epochs", "patience", "device", "workers", "feature_batch_size",
                                   "out", "resume", "given", "extra"})
@@ -67,6 +68,10 @@ def _text(value: Any) -> str | None:
     return None if isinstance(value, str) and value else "given"
 
 
+def _one_of(choices: tuple[str, ...]):
+    return lambda value: None if value in choices else " or ".join(choices)
+
+
 # One rule per option: what a valid value is, said in the words of the error message.
 RULES = {
     "backbone": _text,
@@ -89,6 +94,10 @@ RULES = {
     "seed": _int_at_least(0, MAX_SEED),
     "workers": _optional(_int_at_least(0)),
     "feature_batch_size": _int_at_least(1),
+    "decoder": _optional(_one_of(DECODER_KINDS)),
+    "context_dim": _int_at_least(1, MAX_DIM),
+    "attention_dim": _int_at_least(1, MAX_DIM),
+    "attention_reg": _number_in(0, 1000, low_open=False, high_open=False),
 }
 
 

@@ -33,14 +33,28 @@ def small_synthetic(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, small_synthetic) -> Path:
-    """A decoder trained for 2 epochs on efficientnet_lite0 features of the small synthetic set."""
+    """A pooled decoder trained for 2 epochs on efficientnet_lite0 features of the small synthetic set."""
     from capcli.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = TrainConfig(
         backbone="efficientnet_lite0", dataset=str(small_synthetic), weights="imagenet", out=str(out),
         epochs=2, batch_size=32, embed_dim=32, hidden_dim=64, threshold=2, val_sample=20, device="cpu",
-        workers=0,
+        workers=0, decoder="pooled",
+    )
+    return train(cfg, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_attention_run(tmp_path_factory, small_synthetic) -> Path:
+    """An attention decoder trained for 2 epochs on efficientnet_lite0 grids of the small synthetic set."""
+    from capcli.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-attention"
+    cfg = TrainConfig(
+        backbone="efficientnet_lite0", dataset=str(small_synthetic), weights="imagenet", out=str(out),
+        epochs=2, batch_size=32, embed_dim=32, hidden_dim=64, context_dim=32, attention_dim=32, threshold=2,
+        val_sample=20, device="cpu", workers=0, decoder="attention",
     )
     return train(cfg, show_progress=False)
 

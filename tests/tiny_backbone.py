@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import time
 
-from capcli.backbone import Backbone, Preprocessing
+from capcli.backbone import Backbone, Grid, Preprocessing
 
 
-def _build(weights: str):
+def _build(weights: str, grid: bool = False):
     import torch
     from torch import nn
 
@@ -21,13 +21,18 @@ def _build(weights: str):
             delay = float(os.environ.get("TINY_BACKBONE_DELAY", "0"))
             if delay:
                 time.sleep(delay)  # lets a test interrupt extraction mid-way
-            return torch.relu(self.conv(x)).mean(dim=(2, 3))
+            out = torch.relu(self.conv(x))
+            return out if grid else out.mean(dim=(2, 3))
 
     return Tiny()
 
 
+def _build_grid(weights: str):
+    return _build(weights, grid=True)
+
+
 tiny = Backbone(name="tiny", feature_dim=8, preprocessing=Preprocessing(input_size=32, resize=36), builder=_build,
-                weights_source="random")
+                weights_source="random", grid=Grid(8, 15, 15), grid_builder=_build_grid)
 
 
 def _build_wide(weights: str):

@@ -28,6 +28,9 @@ def caption(
     temperature: Annotated[float, typer.Option(min=1e-3, help="Softmax temperature for --sample.")] = 1.0,
     top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest words (0 = all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed for --sample.")] = 0,
+    attention: Annotated[
+        bool, typer.Option("--attention", help="Attention decoder: per-word attention in --json, heatmaps in --html.")
+    ] = False,
 ) -> None:
     """Caption images with an exported bundle (ONNX Runtime) or a run (PyTorch).
 
@@ -52,7 +55,7 @@ def caption(
 
     sampling = Sampling(temperature, top_k, seed) if sample else None
     results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size, n_best=beams,
-                             on_result=show, sampling=sampling)
+                             on_result=show, sampling=sampling, attention=attention)
     if not as_json:
         _print_table(results, captioner.runtime, "sampled" if sample else "greedy" if beam_size == 1 else
                      f"beam {beam_size}")
@@ -60,7 +63,9 @@ def caption(
         from capcli.report import write_html
 
         rows = [{"image": r.image, "caption": r.caption or "", "score": r.score, "error": r.error,
-                 "alternatives": [list(a) for a in r.alternatives[1:]]} for r in results]
+                 "alternatives": [list(a) for a in r.alternatives[1:]],
+                 **({"attention": r.attention, "grid": r.grid, "preprocessing": captioner.preprocessing}
+                    if r.attention is not None else {})} for r in results]
         err.print(f"report: {shown(write_html(html, rows, title='capcli captions'))}")
     if problems or any(r.error for r in results):
         raise typer.Exit(1)

@@ -21,6 +21,7 @@ def features(
         int | None, typer.Option(help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")
     ] = None,
     device: Device = "auto",
+    grid: Annotated[bool, typer.Option("--grid", help="Cache the feature grid (attention decoder) instead.")] = False,
 ) -> None:
     """Extract and cache backbone features for a dataset (resumable; a second run is a no-op)."""
     from capcli.data.readers import load_dataset
@@ -30,8 +31,9 @@ def features(
     spec = get_backbone(backbone)
     ds = load_dataset(dataset, images=images)
     _print_notes(ds)
-    cache = extract(spec, ds, weights, batch_size, workers, device)
-    out.print(f"{len(cache.images)} images, {spec.feature_dim}-d float16 features in {cache.path}", markup=False)
+    cache = extract(spec, ds, weights, batch_size, workers, device, output="grid" if grid else "pooled")
+    what = f"{spec.require_grid()} grid" if grid else f"{spec.feature_dim}-d"
+    out.print(f"{len(cache.images)} images, {what} float16 features in {cache.path}", markup=False)
     if cache.failed:
         err.print(f"{len(cache.failed)} images could not be read and were skipped "
                   f"(they are retried on every run):", markup=False)
@@ -66,7 +68,19 @@ def train(
     hidden_dim: Annotated[int, typer.Option(help="LSTM hidden size.")] = 512,
     num_layers: Annotated[int, typer.Option(help="LSTM layers.")] = 1,
     dropout: Annotated[float, typer.Option(help="Dropout probability, in [0, 1).")] = 0.3,
-    feature_input: Annotated[bool, typer.Option(help="Also feed the image as the first LSTM input step.")] = False,
+    feature_input: Annotated[
+        bool, typer.Option(help="Pooled decoder: also feed the image as the first LSTM input step.")
+    ] = False,
+    decoder: Annotated[
+        str | None,
+        typer.Option(help="attention (over the backbone's grid; the default) or pooled (one vector per image); "
+                     "--resume keeps the run's."),
+    ] = None,
+    context_dim: Annotated[int, typer.Option(help="Attention: grid channels after the learned projection.")] = 256,
+    attention_dim: Annotated[int, typer.Option(help="Attention: size of the additive attention layer.")] = 256,
+    attention_reg: Annotated[
+        float, typer.Option(help="Attention: weight of the doubly stochastic regulariser (lambda).")
+    ] = 1.0,
     out: Annotated[str | None, typer.Option(help="Run directory (default runs/BACKBONE).")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out with its own settings (only --epochs, --patience, "
@@ -88,8 +102,9 @@ def train(
         backbone=backbone or "", dataset=dataset, images=images, weights=weights, out=out, epochs=epochs,
         batch_size=batch_size, lr=lr, lr_keep_epochs=lr_keep_epochs, lr_decay=lr_decay, patience=patience,
         threshold=threshold, max_len=max_len, embed_dim=embed_dim, hidden_dim=hidden_dim,
-        num_layers=num_layers, dropout=dropout, feature_input=feature_input, resume=resume, device=device,
-        seed=seed, workers=workers, given=given,
+        num_layers=num_layers, dropout=dropout, feature_input=feature_input, decoder=decoder,
+        context_dim=context_dim, attention_dim=attention_dim, attention_reg=attention_reg, resume=resume,
+        device=device, seed=seed, workers=workers, given=given,
     )
     run_dir = run_training(cfg)
     print_training(run_dir)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from capcli.caption import Sampling, decode_states
+from capcli.caption import Sampling, decode_states, start_batch
 from capcli.errors import CapcliError
 
 
@@ -132,10 +132,10 @@ class MicroBatcher:
             hypotheses, encode_s, decode_s = [], 0.0, 0.0
             for chunk in _chunks(images, self.max_batch):
                 t0 = time.perf_counter()
-                state = self.captioner.encode(chunk)
+                state, context = start_batch(self.captioner, chunk)  # context: attention bundles
                 t1 = time.perf_counter()
                 hypotheses += decode_states(self.captioner, state, options.beam_size, options.n_best,
-                                            sampling=options.sampling())
+                                            sampling=options.sampling(), context=context)
                 encode_s, decode_s = encode_s + t1 - t0, decode_s + time.perf_counter() - t1
         except Exception as exc:  # the server must outlive any failure of one batch
             for job in jobs:
