@@ -382,6 +382,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     val_table = encode_split(ds, "val", vocab, cache, cfg.max_len)
 
     model_cfg = decoder_config(cfg, feature_dim, len(vocab), vocab.pad_id)
+    # Seeded here, after feature extraction: building a backbone draws from the global RNG, and whether the
+    # cache was cold must not change the decoder's initial weights or the run's dropout masks.
+    torch.manual_seed(cfg.seed)
     decoder = decoders.build(cfg.decoder, model_cfg).to(device)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
