@@ -111,7 +111,10 @@ class AttentionDecoder(nn.Module):
         """
         context, projection, h, c = self.encode(grid)
         if rows is not None:
-            context, projection, h, c = context[rows], projection[rows], h[:, rows], c[:, rows]
+            # index_select, not [rows]: its backward (index_add) sums repeated rows in a fixed order on CPU,
+            # where advanced indexing's accumulate is multithreaded and makes runs differ.
+            context, projection = context.index_select(0, rows), projection.index_select(0, rows)
+            h, c = h.index_select(1, rows), c.index_select(1, rows)
         embedded = self.dropout(self.embed(tokens))
         hidden, alphas = [], []
         for t in range(tokens.shape[1]):
