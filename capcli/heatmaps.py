@@ -33,10 +33,14 @@ def upsample(alpha: np.ndarray, grid: tuple[int, int], size: int) -> np.ndarray:
     peak = float(cells.max())
     cells = cells / peak if peak > 0 else cells
     smooth = Image.fromarray(cells).resize((size, size), Image.Resampling.BICUBIC)  # float32: mode "F"
-    # The blur removes the grid's blockiness, as the paper's upsample-and-smooth does.
+    # 8 bits are plenty for a picture, and Pillow blurs only those: the blur removes the grid's
+    # blockiness, as the paper's upsample-and-smooth does.
+    levels = Image.fromarray((np.clip(np.asarray(smooth), 0.0, 1.0) * 255 + 0.5).astype(np.uint8))
     radius = size / max(height, width) / 2
-    smooth = smooth.filter(ImageFilter.GaussianBlur(radius)) if radius >= 1 else smooth
-    return np.clip(np.asarray(smooth, np.float32), 0.0, 1.0)
+    if radius >= 1:
+        levels = levels.filter(ImageFilter.GaussianBlur(radius))
+    heat = np.asarray(levels, np.float32) / 255.0
+    return heat / heat.max() if heat.max() > 0 else heat
 
 
 def overlay(view: np.ndarray, heat: np.ndarray) -> np.ndarray:
