@@ -231,7 +231,11 @@ def _check_decoder_kind(meta: dict, where: str) -> None:
             raise ManifestError(f"{where}: '{key}' {problem}")
     if attention != bool(context_inputs(meta)):
         need = "needs" if attention else "cannot have"
-        raise ManifestError(f"{where}: 'io.context' is wrong: a {decoder_kind(meta)} decoder {need} context inputs")
+        raise ManifestError(f"{where}: 'io.context' is wrong: {_a(decoder_kind(meta))} decoder {need} context inputs")
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
 # --- reading a bundle ------------------------------------------------------------------------------------

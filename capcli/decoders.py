@@ -57,8 +57,8 @@ def make_config(kind: str, config: dict) -> DecoderConfig | AttentionConfig:
     unknown = sorted(set(config) - known)
     if unknown:
         other = next((k for k in KINDS if k != kind and set(config) <= {f.name for f in fields(_CONFIGS[k])}), None)
-        hint = f"; it looks like a {other} decoder's" if other else ""
-        raise CapcliError(f"decoder config has fields a {kind} decoder does not know ({', '.join(unknown)}){hint}")
+        hint = f"; it looks like {_a(other)} decoder's" if other else ""
+        raise CapcliError(f"decoder config has fields {_a(kind)} decoder does not know ({', '.join(unknown)}){hint}")
     return cls(**config)
 
 
@@ -66,7 +66,7 @@ def build(kind: str, config: DecoderConfig | AttentionConfig | dict) -> nn.Modul
     """A new decoder of `kind` (random weights) from its config."""
     cfg = make_config(kind, config) if isinstance(config, dict) else config
     if not isinstance(cfg, _CONFIGS[kind]):
-        raise CapcliError(f"a {type(cfg).__name__} cannot configure a {kind} decoder")
+        raise CapcliError(f"a {type(cfg).__name__} cannot configure {_a(kind)} decoder")
     return _MODULES[kind](cfg)
 
 
@@ -77,7 +77,7 @@ def load(ckpt: dict) -> nn.Module:
     try:
         decoder.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise CapcliError(f"checkpoint weights do not fit a {kind} decoder: {_first_problem(exc)}") from None
+        raise CapcliError(f"checkpoint weights do not fit {_a(kind)} decoder: {_first_problem(exc)}") from None
     return decoder.eval()
 
 
@@ -97,3 +97,7 @@ def start(decoder: nn.Module, features: torch.Tensor) -> tuple[tuple[np.ndarray,
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.float().cpu().numpy()
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[:1] in "aeiou" else "a ") + kind

@@ -1,4 +1,8 @@
-"""A self-contained HTML page of captions with thumbnails, for looking at results rather than reading JSON."""
+"""A self-contained HTML page of captions with thumbnails, for looking at results rather than reading JSON.
+
+Rows of an attention decoder can carry their per-word attention: the page then shows, under the
+caption, the image as the model saw it and one heatmap per word (capcli.heatmaps).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ td, th { border-bottom: 1px solid #ddd; padding: 0.5em 0.8em; text-align: left; 
 .score, .path, .note { color: #666; font-size: 0.85em; }
 .error { color: #b00020; }
 ol, ul { margin: 0.3em 0; padding-left: 1.4em; }
+.attention { display: flex; flex-wrap: wrap; gap: 6px; margin-top: 0.6em; max-width: 980px; }
+.attention figure { margin: 0; text-align: center; }
+.attention img { width: 112px; height: 112px; display: block; border-radius: 3px; }
+.attention figcaption { font-size: 0.9em; padding-top: 2px; }
+.attention figure.view figcaption { color: #666; }
 """
 
 
@@ -39,7 +48,8 @@ def write_html(
     """Write the captions report to `path` (atomically) and return the path.
 
     Each row: "image" (path), "caption", "score" (or None), and optionally "references" (list of str),
-    "alternatives" (list of [caption, score]) and "error" (str).
+    "alternatives" (list of [caption, score]), "error" (str), and for word-by-word attention heatmaps
+    "attention" (list of (word, alpha [H*W])) with "grid" ((H, W)) and "preprocessing" (the model's).
     """
     path = Path(path)
     parts = [
@@ -90,7 +100,26 @@ def _caption_html(row: dict) -> str:
     ]
     if alternatives:
         parts.append(_list_html("ol", alternatives))
+    if row.get("attention"):
+        parts.append(_attention_html(row))
     return "".join(parts)
+
+
+def _attention_html(row: dict) -> str:
+    """The model's view of the image, then each word over its attention heatmap (the paper's figure)."""
+    from capcli.heatmaps import model_view_jpeg, word_maps
+
+    grid, prep = tuple(row["grid"]), row["preprocessing"]
+    try:
+        view = model_view_jpeg(row["image"], prep, grid=grid)
+        maps = word_maps(row["image"], row["attention"], grid, prep)
+    except Exception:  # a report must never fail on one bad file
+        return '<div class="error">attention maps unavailable for this image</div>'
+    figures = [f'<figure class="view"><img src="data:image/jpeg;base64,{view}" alt="model input">'
+               f"<figcaption>{grid[0]}x{grid[1]} grid</figcaption></figure>"]
+    figures += [f'<figure><img src="data:image/jpeg;base64,{data}" alt="{_esc(word)}">'
+                f"<figcaption>{_esc(word)}</figcaption></figure>" for word, data in maps]
+    return '<div class="attention">' + "".join(figures) + "</div>"
 
 
 def _list_html(tag: str, items: list[str]) -> str:

@@ -29,15 +29,15 @@ def random_checkpoint(path: Path, backbone_name: str, feature_input: bool = Fals
         cfg = AttentionConfig(feature_dim=spec.grid.channels, vocab_size=len(vocab), embed_dim=16, hidden_dim=32,
                               num_layers=2, dropout=0.0, context_dim=24, attention_dim=20)
         decoder = AttentionDecoder(cfg)
-        with torch.no_grad():  # sharper attention, so that it matters; <end> less likely, so that there are words
+        with torch.no_grad():  # sharper attention, so that it matters
             decoder.att_score.weight.mul_(10)
-            decoder.out.bias[vocab.end_id] -= 40
     else:
         cfg = DecoderConfig(feature_dim=spec.feature_dim, vocab_size=len(vocab), embed_dim=16, hidden_dim=32,
                             num_layers=2, dropout=0.0, feature_input=feature_input)
         decoder = CaptionDecoder(cfg)
     with torch.no_grad():  # larger output weights: clear winners at each step, not near-ties
         decoder.out.weight.mul_(20)
+        decoder.out.bias[vocab.end_id] -= 40  # <end> unlikely: captions have words to compare
     checkpoint.save(path, {
         "config": cfg.to_dict(), "model": decoder.state_dict(), "vocab": vocab.to_json(), "decoder": kind,
         "vocab_sha256": vocab.sha256, "backbone": spec.name, "weights": "none", "feature_dim": cfg.feature_dim,

@@ -68,3 +68,72 @@ def test_scores_table_at_the_top(tmp_path: Path) -> None:
     assert text.index('class="scores"') < text.index("a dog")
     no_scores = write_html(tmp_path / "r2.html", rows).read_text(encoding="utf-8")
     assert 'class="scores"' not in no_scores
+
+
+# --- attention heatmaps ------------------------------------------------------------------------------------
+
+
+def _one_hot(row: int, col: int, grid=(7, 7)):
+    import numpy as np
+
+    alpha = np.zeros(grid[0] * grid[1], np.float32)
+    alpha[row * grid[1] + col] = 1.0
+    return alpha
+
+
+def test_heatmap_peaks_over_the_attended_cell() -> None:
+    import numpy as np
+
+    from capcli.heatmaps import upsample
+
+    heat = upsample(_one_hot(2, 5), (7, 7), 112)  # cell (row 2, column 5) covers y 32..48, x 80..96
+    assert heat.shape == (112, 112) and heat.min() >= 0 and heat.max() <= 1
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert 32 <= y < 48 and 80 <= x < 96
+    assert heat[40, 88] > 0.5 > heat[100, 10]
+
+
+def test_overlay_lights_what_was_looked_at() -> None:
+    import numpy as np
+
+    from capcli.heatmaps import DIM, overlay
+
+    view = np.full((4, 4, 3), 200, np.uint8)
+    heat = np.zeros((4, 4), np.float32)
+    heat[0, 0] = 1.0
+    lit = overlay(view, heat)
+    assert lit[0, 0, 0] >= 200 and lit[3, 3, 0] == int(200 * DIM)
+
+
+def test_model_view_is_the_centre_crop_the_backbone_sees(tmp_path: Path) -> None:
+    import numpy as np
+
+    from capcli.backbone import Preprocessing
+    from capcli.heatmaps import model_view
+
+    image = Image.new("RGB", (400, 200), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 100, 200))  # left quarter red: cut off by the centre crop
+    image.paste((0, 255, 0), (200, 0, 400, 200))  # right half green
+    image.save(tmp_path / "wide.png")
+    view = model_view(tmp_path / "wide.png", Preprocessing(input_size=64, resize=64, mean=(0.5,) * 3, std=(0.2,) * 3))
+    assert view.shape == (64, 64, 3) and view.dtype == np.uint8
+    assert tuple(view[32, 5]) == (0, 0, 255) and tuple(view[32, 60]) == (0, 255, 0)
+
+
+def test_report_draws_one_heatmap_per_word(tmp_path: Path) -> None:
+    from capcli.backbone import Preprocessing
+
+    image = make_image(tmp_path / "shape.png", (224, 224))
+    prep = Preprocessing(input_size=224, resize=256)
+    words = [("a", _one_hot(0, 0)), ("red", _one_hot(3, 3)), ("<sq>", _one_hot(6, 6))]
+    rows = [{"image": str(image), "caption": "a red <sq>", "score": -0.2, "attention": words, "grid": (7, 7),
+             "preprocessing": prep},
+            {"image": str(tmp_path / "gone.png"), "caption": "x", "score": -1.0, "attention": words[:1],
+             "grid": (7, 7), "preprocessing": prep}]
+    text = write_html(tmp_path / "r.html", rows).read_text(encoding="utf-8")
+    figures = re.findall(r'<figure><img src="data:image/jpeg;base64,([^"]+)" alt="([^"]*)"><figcaption>([^<]*)<', text)
+    assert [f[2] for f in figures] == ["a", "red", "&lt;sq&gt;"]
+    assert text.count('class="view"') == 1 and "7x7 grid" in text
+    heat = Image.open(io.BytesIO(base64.b64decode(figures[1][0])))
+    assert heat.size == (128, 128)
+    assert "attention maps unavailable for this image" in text  # the missing image: the report still writes

@@ -69,15 +69,15 @@ def test_checkpoints_of_one_kind_never_load_as_the_other(tiny_run, tiny_attentio
     attention, pooled = checkpoint.load(tiny_attention_run), checkpoint.load(tiny_run)
     assert decoders.kind_of(pooled) == "pooled" and isinstance(checkpoint.build_decoder(pooled), CaptionDecoder)
     relabelled = {**attention, "decoder": "pooled"}
-    with pytest.raises(CapcliError, match="fields a pooled decoder does not know .* looks like a attention"):
+    with pytest.raises(CapcliError, match="fields a pooled decoder does not know .* looks like an attention"):
         checkpoint.build_decoder(relabelled)
     unlabelled = {k: v for k, v in attention.items() if k != "decoder"}  # as a checkpoint from before kinds
     with pytest.raises(CapcliError, match="fields a pooled decoder does not know"):
         checkpoint.build_decoder(unlabelled)
-    with pytest.raises(CapcliError, match="fields a attention decoder does not know .*feature_input"):
+    with pytest.raises(CapcliError, match="fields an attention decoder does not know .*feature_input"):
         checkpoint.build_decoder({**pooled, "decoder": "attention"})
     wrong_weights = {**attention, "model": {k: v for k, v in attention["model"].items() if k != "gate.weight"}}
-    with pytest.raises(CapcliError, match="weights do not fit a attention decoder: .*gate.weight"):
+    with pytest.raises(CapcliError, match="weights do not fit an attention decoder: .*gate.weight"):
         checkpoint.build_decoder(wrong_weights)
     with pytest.raises(CapcliError, match="unknown decoder kind 'transformer'"):
         checkpoint.build_decoder({**attention, "decoder": "transformer"})
