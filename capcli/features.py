@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,23 +168,32 @@ def extract(
     device: str = "auto",
     show_progress: bool = True,
     stop_after_batches: int | None = None,
+    engine: str = "torch",
 ) -> FeatureCache:
-    """Extract features for every image of `dataset`, resuming an interrupted run; returns the cache."""
+    """Extract features for every image of `dataset`, resuming an interrupted run; returns the cache.
+
+    engine: 'torch', 'onnx' (ONNX Runtime on a cached graph of the backbone) or 'auto' (ONNX Runtime on
+    CPU, PyTorch on CUDA). Both give the same features up to float16 rounding, so the cache key leaves the
+    engine out; the cache's meta records it.
+    """
     import torch
+
+    from capcli.engines import default_workers, make_extractor, record_engine, resolve_engine
 
     cached = open_cache(backbone, weights, dataset)
     if cached is not None:
         return cached
     device = resolve_device(device)
+    engine = resolve_engine(engine, device)
     path = cache_dir(backbone, weights, dataset)
     meta, features, done = _start(path, backbone, weights, dataset)
+    if record_engine(meta, engine):
+        atomic_write_json(path / "meta.json", meta)
     pending = [i for i in range(len(meta["images"])) if not done[i]]
-    # channels_last: ~1.7x faster convolutions on CPU (oneDNN) and tensor cores alike.
-    model = backbone.build(weights).to(device, memory_format=torch.channels_last)
+    extractor = make_extractor(backbone, weights, engine, device)
     paths = [dataset.image_path(meta["images"][i]) for i in pending]
-    if workers is None:  # on CPU the forward needs the cores too: leave it half of them
-        cpus = os.cpu_count() or 1
-        workers = min(8, cpus) if device.startswith("cuda") else max(1, cpus // 2)
+    if workers is None:
+        workers = default_workers(engine, device)
     loader = torch.utils.data.DataLoader(
         _ImageInputs(pending, paths, backbone.preprocessing),
         batch_size=batch_size,
@@ -194,18 +202,15 @@ def extract(
         pin_memory=device.startswith("cuda"),
         persistent_workers=False,
     )
-    amp = device.startswith("cuda")
     from capcli.console import progress
 
     with progress(transient=not show_progress) as bar:
-        task = bar.add_task(f"features {backbone.name}", total=len(meta["images"]), info="")
+        task = bar.add_task(f"features {backbone.name} ({engine})", total=len(meta["images"]), info="")
         bar.update(task, completed=len(meta["images"]) - len(pending))
         start, seen = time.perf_counter(), 0
         for n_batch, (rows, batch, failed) in enumerate(loader):
             if batch is not None:
-                with torch.inference_mode(), torch.autocast("cuda", enabled=amp, dtype=torch.float16):
-                    out = model(batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
-                features[rows] = out.float().cpu().numpy().astype(np.float16)
+                features[rows] = extractor(batch).astype(np.float16)
                 features.flush()
             for row, reason in failed:
                 meta["failed"][meta["images"][row]] = reason

@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int | None = None
+    engine: str = "auto"  # feature extraction: auto (ONNX Runtime on CPU, PyTorch on CUDA), torch, onnx
     feature_batch_size: int = 32
     resume: bool = False
     extra: dict = field(default_factory=dict)
@@ -241,7 +242,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     out = prepare_run_dir(cfg) if rank == 0 else Path(cfg.out or f"runs/{cfg.backbone}")
 
     if rank == 0:  # features are extracted once, by one process
-        extract(backbone, ds, cfg.weights, cfg.feature_batch_size, cfg.workers, device, show_progress)
+        extract(backbone, ds, cfg.weights, cfg.feature_batch_size, cfg.workers, device, show_progress,
+                engine=cfg.engine)
     barrier(world)
     cache = load_features(backbone, cfg.weights, ds)
     if cache.failed and rank == 0:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import BackboneName, DatasetSpec, Device, ImagesDir, Weights
+from capcli.cli.options import BackboneName, DatasetSpec, Device, Engine, ImagesDir, Weights
 from capcli.console import err, out
 from capcli.tables import print_training
 
@@ -21,6 +21,7 @@ def features(
         int | None, typer.Option(min=0, help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")
     ] = None,
     device: Device = "auto",
+    engine: Engine = "auto",
 ) -> None:
     """Extract and cache backbone features for a dataset (resumable; a second run is a no-op)."""
     from capcli.data.readers import load_dataset
@@ -29,7 +30,7 @@ def features(
 
     spec = get_backbone(backbone)
     ds = load_dataset(dataset, images=images)
-    cache = extract(spec, ds, weights, batch_size, workers, device)
+    cache = extract(spec, ds, weights, batch_size, workers, device, engine=engine)
     out.print(f"{len(cache.images)} images, {spec.feature_dim}-d float16 features in {cache.path}")
     if cache.failed:
         err.print(f"{len(cache.failed)} images could not be read and were skipped:")
@@ -60,6 +61,7 @@ def train(
     device: Device = "auto",
     seed: int = 0,
     workers: Annotated[int | None, typer.Option(help="Feature-extraction workers.")] = None,
+    engine: Engine = "auto",
 ) -> None:
     """Train the LSTM caption decoder on cached backbone features (extracted first if needed)."""
     from capcli.train import TrainConfig
@@ -70,7 +72,7 @@ def train(
         batch_size=batch_size, lr=lr, lr_keep_epochs=lr_keep_epochs, lr_decay=lr_decay, patience=patience,
         threshold=threshold, max_len=max_len, embed_dim=embed_dim, hidden_dim=hidden_dim,
         num_layers=num_layers, dropout=dropout, feature_input=feature_input, resume=resume, device=device,
-        seed=seed, workers=workers,
+        seed=seed, workers=workers, engine=engine,
     )
     run_dir = run_training(cfg)
     print_training(run_dir)
