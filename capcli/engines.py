@@ -1,9 +1,12 @@
 """Feature-extraction engines: a backbone's forward in PyTorch, or through ONNX Runtime on a cached graph.
 
-An extractor is a callable: image batch [B,3,S,S] float32 (numpy, or a CPU tensor) -> features float32
-numpy [B, ...]. The ONNX engine exports the backbone once per backbone + weights + preprocessing + opset +
-output into the cache (written to a temporary file and renamed, so a killed export leaves nothing that
-loads) and runs it with session options tuned for a CPU that DataLoader workers share.
+An extractor is a callable: pixel batch uint8 [B,S,S,3] (resized and centre-cropped by `capcli.images`;
+numpy, or a CPU tensor) -> features float32 numpy [B, ...]. The normalisation (scale, mean, std, to
+channels-first) is part of the extractor, so the DataLoader workers only decode, resize and crop, and hand
+over a quarter of the bytes. The ONNX engine exports the normalisation and the backbone once per backbone +
+weights + preprocessing + opset + output into the cache (written to a temporary file and renamed, so a killed
+export leaves nothing that loads) and runs it with session options tuned for a CPU that DataLoader workers
+share.
 
 A graph output is one named way of reading the backbone: today the pooled features; a spatial grid taken
 before pooling can be added to `OUTPUTS` and is exported, cached and run the same way.
@@ -46,6 +49,30 @@ class GraphOutput:
 OUTPUTS: dict[str, GraphOutput] = {
     "pooled": GraphOutput("features", lambda backbone, weights: backbone.build(weights)),
 }
+
+
+def _normalised(backbone: Backbone, module: nn.Module) -> nn.Module:
+    """`module` behind the backbone's normalisation: uint8 pixels [B,S,S,3] in, as `capcli.images.normalise`."""
+    import torch
+
+    class Normalised(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = module
+            self.register_buffer("mean", torch.tensor(backbone.mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(backbone.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            # A channels-first view of channels-last memory: what the convolutions prefer anyway.
+            x = pixels.permute(0, 3, 1, 2).float() / 255.0
+            return self.module((x - self.mean) / self.std)
+
+    return Normalised().eval()
+
+
+def build_module(backbone: Backbone, weights: str, output: str = "pooled") -> nn.Module:
+    """What an extractor computes, as a PyTorch module: pixels -> the backbone's `output`."""
+    return _normalised(backbone, _output(output).build(backbone, weights))
 
 
 def resolve_engine(engine: str, device: str) -> str:
@@ -103,12 +130,9 @@ def _output(output: str) -> GraphOutput:
     return OUTPUTS[output]
 
 
-def _example_batch(backbone: Backbone):
-    import torch
-
-    g = torch.Generator().manual_seed(0)
+def example_pixels(backbone: Backbone, n: int = EXAMPLE_BATCH) -> np.ndarray:
     s = backbone.input_size
-    return torch.randn(EXAMPLE_BATCH, 3, s, s, generator=g)
+    return np.random.default_rng(0).integers(0, 256, size=(n, s, s, 3), dtype=np.uint8)
 
 
 def export_graph(backbone: Backbone, weights: str, output: str = "pooled", opset: int = GRAPH_OPSET) -> Path:
@@ -121,19 +145,19 @@ def export_graph(backbone: Backbone, weights: str, output: str = "pooled", opset
     from capcli.console import err
     from capcli.export import _check_graph, _export  # the bundle's exporter: same fallbacks, same checks
 
-    spec = _output(output)
-    module = spec.build(backbone, weights).eval()
-    example = _example_batch(backbone)
+    name = _output(output).name
+    module = build_module(backbone, weights, output)
+    example = torch.from_numpy(example_pixels(backbone))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    axes = {"images": 0, spec.name: 0}
+    axes = {"pixels": 0, name: 0}
     try:
         with err.status(f"exporting {backbone.name} ({output}) to ONNX once, for ONNX Runtime extraction"):
-            _export(module, (example,), tmp, ["images"], [spec.name], axes, opset)
+            _export(module, (example,), tmp, ["pixels"], [name], axes, opset)
             _check_graph(tmp, axes)
         with torch.inference_mode():
             expected = module(example).numpy()
-        _check_agreement(backbone, tmp, spec.name, example.numpy(), expected)
+        _check_agreement(backbone, tmp, name, example.numpy(), expected)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -141,7 +165,7 @@ def export_graph(backbone: Backbone, weights: str, output: str = "pooled", opset
 
 
 def _check_agreement(backbone: Backbone, graph: Path, output: str, example: np.ndarray, expected: np.ndarray) -> None:
-    got = cpu_session(graph, threads=1).run([output], {"images": example})[0]
+    got = cpu_session(graph, threads=1).run([output], {"pixels": example})[0]
     scale = float(np.abs(expected).max()) or 1.0
     diff = float(np.abs(got - expected).max()) / scale
     if not diff <= GRAPH_REL_TOL:  # also catches NaN
@@ -183,13 +207,12 @@ class OnnxExtractor:
     def __init__(self, session, output: str):
         self.session, self.output = session, output
 
-    def __call__(self, batch) -> np.ndarray:
-        images = np.ascontiguousarray(np.asarray(batch, dtype=np.float32))
-        return self.session.run([self.output], {"images": images})[0]
+    def __call__(self, pixels) -> np.ndarray:
+        return self.session.run([self.output], {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})[0]
 
 
 class TorchExtractor:
-    """The backbone module in PyTorch: channels-last, float16 autocast on CUDA."""
+    """The normalised backbone in PyTorch: channels-last, float16 autocast on CUDA."""
 
     engine = "torch"
 
@@ -201,10 +224,10 @@ class TorchExtractor:
         self.device = device
         self.amp = device.startswith("cuda")
 
-    def __call__(self, batch) -> np.ndarray:
+    def __call__(self, pixels) -> np.ndarray:
         import torch
 
-        x = torch.as_tensor(batch).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = torch.as_tensor(pixels).to(self.device, non_blocking=True)
         with torch.inference_mode(), torch.autocast("cuda", enabled=self.amp, dtype=torch.float16):
             out = self.module(x)
         return out.float().cpu().numpy()
@@ -238,9 +261,8 @@ def onnx_session(backbone: Backbone, weights: str, output: str, device: str, thr
 def make_extractor(backbone: Backbone, weights: str, engine: str, device: str, output: str = "pooled",
                    threads: int | None = None):
     """The extractor for a resolved engine ('torch' or 'onnx') and device."""
-    spec = _output(output)
     if engine == "onnx":
-        return OnnxExtractor(onnx_session(backbone, weights, output, device, threads), spec.name)
+        return OnnxExtractor(onnx_session(backbone, weights, output, device, threads), _output(output).name)
     if engine == "torch":
-        return TorchExtractor(spec.build(backbone, weights), device)
+        return TorchExtractor(build_module(backbone, weights, output), device)
     raise CapcliError(f"unknown engine '{engine}'; use torch or onnx")

@@ -19,7 +19,7 @@ import numpy as np
 
 from capcli.backbone import Backbone, weights_id
 from capcli.errors import CapcliError
-from capcli.images import ImageError, load_input
+from capcli.images import ImageError, load_pixels
 from capcli.paths import atomic_write_bytes, atomic_write_json, cache_root
 
 FORMAT = "capcli-features/1"
@@ -122,7 +122,7 @@ def _start(path: Path, backbone: Backbone, weights: str, dataset) -> tuple[dict,
 
 
 class _ImageInputs:
-    """Map-style dataset of (row, input or None, error) for the DataLoader workers."""
+    """Map-style dataset of (row, uint8 pixels or None, error) for the DataLoader workers."""
 
     def __init__(self, rows: list[int], paths: list[Path], prep):
         self.rows, self.paths, self.prep = rows, paths, prep
@@ -132,7 +132,7 @@ class _ImageInputs:
 
     def __getitem__(self, i: int):
         try:
-            return self.rows[i], load_input(self.paths[i], self.prep), None
+            return self.rows[i], load_pixels(self.paths[i], self.prep), None
         except ImageError as exc:
             return self.rows[i], None, str(exc)
 
