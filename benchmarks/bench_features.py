@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from capcli import engines
@@ -45,8 +44,7 @@ def bench(name: str, ds, n_images: int, batch_size: int, workers: int | None, re
     t = time.perf_counter()
     engines.export_graph(spec, weights)
     export_s = time.perf_counter() - t
-    s = spec.input_size
-    ready = np.random.default_rng(0).standard_normal((batch_size, 3, s, s), dtype=np.float32)
+    ready = engines.example_pixels(spec, batch_size)  # loaded, resized and cropped: what the workers deliver
     n_batches = max(1, n_images // batch_size)
     onnx_forward = engines.make_extractor(spec, weights, "onnx", "cpu")  # the session extraction uses
     torch_forward = engines.make_extractor(spec, weights, "torch", "cpu")

@@ -1,7 +1,12 @@
 """The backbone plugin contract: what a plugin object exposes, and helpers plugins share.
 
 A plugin registers one `Backbone` per entry point in the group `capcli.backbones`. Creating a
-`Backbone` must not import torch: `capcli backbones` lists plugins without it. Only `build` may.
+`Backbone` must not import torch: `capcli backbones` lists plugins without it. Only `build` and
+`build_grid` may.
+
+A backbone may also declare a spatial feature `Grid` (channels x height x width, taken before
+pooling, at its own input size) with a `grid_builder`: the attention decoder attends over it. A
+backbone without one still serves the pooled decoder.
 """
 
 from __future__ import annotations
@@ -54,8 +59,36 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """A backbone's spatial features before pooling, at its input size: `channels` x `height` x `width`."""
+
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def positions(self) -> int:
+        """P = height * width: the places the attention decoder can look at."""
+        return self.height * self.width
+
+    def __str__(self) -> str:
+        return f"{self.channels}x{self.height}x{self.width}"
+
+    def to_dict(self) -> dict[str, int]:
+        return {"channels": self.channels, "height": self.height, "width": self.width}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Grid:
+        return cls(channels=int(d["channels"]), height=int(d["height"]), width=int(d["width"]))
+
+
+@dataclass(frozen=True)
 class Backbone:
-    """A CNN that maps a normalised image batch [B,3,S,S] to pooled features [B,D]."""
+    """A CNN that maps a normalised image batch [B,3,S,S] to pooled features [B,D].
+
+    With `grid` and `grid_builder` it also maps the batch to its feature grid [B,C,H,W] (before
+    pooling), which the attention decoder needs.
+    """
 
     name: str
     feature_dim: int
@@ -63,6 +96,8 @@ class Backbone:
     builder: Callable[[str], torch.nn.Module] = field(repr=False)
     weights_source: str = "imagenet"
     description: str = ""
+    grid: Grid | None = None
+    grid_builder: Callable[[str], torch.nn.Module] | None = field(default=None, repr=False)
 
     @property
     def input_size(self) -> int:
@@ -76,19 +111,44 @@ class Backbone:
     def std(self) -> tuple[float, float, float]:
         return self.preprocessing.std
 
+    @property
+    def has_grid(self) -> bool:
+        return self.grid is not None and self.grid_builder is not None
+
+    def require_grid(self) -> Grid:
+        """The declared grid, or one clear error naming the plugin that has none."""
+        if not self.has_grid:
+            raise CapcliError(
+                f"backbone '{self.name}' declares no feature grid, which the attention decoder needs; "
+                "use --decoder pooled with it, or a backbone that lists a grid in `capcli backbones`"
+            )
+        assert self.grid is not None
+        return self.grid
+
     def build(self, weights: str = "imagenet") -> torch.nn.Module:
         """The feature extractor in eval mode; weights: 'imagenet', 'none' (seeded random) or a path."""
-        import torch
+        return _seeded_build(self.builder, weights)
 
-        check_weights_arg(weights)
-        if weights == "none":
-            # Random init is seeded so that 'none' features are reproducible (tests, cache keys).
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                module = self.builder(weights)
-        else:
-            module = self.builder(weights)
-        return module.eval()
+    def build_grid(self, weights: str = "imagenet") -> torch.nn.Module:
+        """The grid extractor in eval mode: [B,3,S,S] -> [B, C, H, W]; weights as for `build`."""
+        self.require_grid()
+        assert self.grid_builder is not None
+        return _seeded_build(self.grid_builder, weights)
+
+
+def _seeded_build(builder: Callable[[str], torch.nn.Module], weights: str) -> torch.nn.Module:
+    import torch
+
+    check_weights_arg(weights)
+    if weights == "none":
+        # Random init is seeded so that 'none' features are reproducible (tests, cache keys), and the
+        # pooled and grid modules of one backbone get the same random weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = builder(weights)
+    else:
+        module = builder(weights)
+    return module.eval()
 
 
 def check_weights_arg(weights: str) -> None:

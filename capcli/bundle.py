@@ -1,4 +1,9 @@
-"""The exported bundle's manifest: reading it, and refusing bundles that were altered.
+"""The exported bundle's manifest: its schema, reading it, and refusing bundles that were altered or mixed up.
+
+`read_manifest` is the one door into a bundle: the manifest is checked against the schema below (one
+clear error naming the first bad key), every file it names must be a plain name inside the folder and
+match its sha256, and `load_vocabulary` ties vocab.json to the manifest. The runtimes then check the
+graphs' shapes against the same manifest (capcli.runtime_onnx).
 
 Needs only the standard library: captioning from a bundle must not import torch.
 """
@@ -7,13 +12,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from capcli.errors import CapcliError
 
 FORMAT = "capcli-bundle"
-FORMAT_VERSION = 1
+# 2: graphs carry capcli metadata (vocabulary and model hashes); every file is hashed.
+FORMAT_VERSION = 2
 MANIFEST = "capcli.json"
+INTERPOLATIONS = ("bilinear", "bicubic")
+SPECIAL_TOKENS = ("pad", "start", "end", "unk")  # ids 0-3 of every capcli vocabulary
+GRAPH_FILES = ("encoder", "decoder")
+MAX_INPUT_SIZE = 2048  # pixels per side of the network input; far above any backbone's
+MAX_LEN = 1000  # words per caption; a bound so a hand-edited manifest cannot make decoding run for ever
+# Keys of the metadata that export writes into both graphs, checked against the manifest on load.
+GRAPH_VOCAB_KEY = "capcli.vocab_sha256"
+GRAPH_MODEL_KEY = "capcli.source_checkpoint_sha256"
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestError(CapcliError):
+    """capcli.json does not follow the schema: the message names the key."""
 
 
 def sha256_file(path: Path) -> str:
@@ -29,32 +54,208 @@ def hash_files(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
+# --- the schema: one checker per kind of value; each returns what is wrong, or None --------------------
+
+Check = Callable[[Any], str | None]
+
+
+def _integer(lo: int, hi: int | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"must be an integer, not {_kind(v)}"
+        if v < lo or (hi is not None and v > hi):
+            return f"must be from {lo} to {hi}" if hi is not None else f"must be at least {lo}"
+        return None
+
+    return check
+
+
+def _text(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.strip() else f"must be a non-empty string, not {_kind(v)}"
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)} (got {v!r:.40})"
+
+    return check
+
+
+def _numbers(count: int, positive: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list) or len(v) != count:
+            return f"must be a list of {count} numbers"
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+                return f"must be a list of {count} finite numbers"
+            if positive and x <= 0:
+                return f"must be a list of {count} positive numbers"
+        return None
+
+    return check
+
+
+def _sha256(v: Any) -> str | None:
+    return None if isinstance(v, str) and _SHA256.fullmatch(v) else "must be a sha256 (64 lowercase hex digits)"
+
+
+def _mapping(v: Any) -> str | None:
+    return None if isinstance(v, dict) else f"must be an object, not {_kind(v)}"
+
+
+def plain_name_problem(name: Any) -> str | None:
+    """Bundle files are plain names inside the bundle folder: no folders, no '..', nothing absolute."""
+    if not isinstance(name, str) or not name:
+        return "must be a file name"
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name != name.strip():
+        return f"must be a plain file name inside the bundle (got {name!r:.60})"
+    if name == MANIFEST:
+        return f"cannot be {MANIFEST} itself"
+    return None
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), type(v).__name__
+    )
+
+
+# key (dotted path), check, required
+SCHEMA: list[tuple[str, Check, bool]] = [
+    ("backbone", _text, True),
+    ("preprocessing", _mapping, True),
+    ("preprocessing.input_size", _integer(1, MAX_INPUT_SIZE), True),
+    ("preprocessing.resize", _integer(1, 2 * MAX_INPUT_SIZE), True),
+    ("preprocessing.mean", _numbers(3), True),
+    ("preprocessing.std", _numbers(3, positive=True), True),
+    ("preprocessing.interpolation", _one_of(*INTERPOLATIONS), True),
+    ("preprocessing.crop", _one_of("center"), False),
+    ("vocab_size", _integer(len(SPECIAL_TOKENS), 10_000_000), True),
+    ("vocab_sha256", _sha256, True),
+    ("special_tokens", _mapping, True),
+    *((f"special_tokens.{name}", _integer(0), True) for name in SPECIAL_TOKENS),
+    ("max_len", _integer(1, MAX_LEN), True),
+    ("decoder", _mapping, True),
+    ("decoder.hidden_dim", _integer(1), True),
+    ("decoder.num_layers", _integer(1), True),
+    ("decoder.vocab_size", _integer(len(SPECIAL_TOKENS)), True),
+    ("files", _mapping, True),
+    *((f"files.{name}", plain_name_problem, True) for name in (*GRAPH_FILES, "vocab")),
+    ("sha256", _mapping, True),
+    ("source_checkpoint", _text, False),
+    ("source_checkpoint_sha256", _sha256, False),
+    ("dataset", _mapping, False),
+]
+
+_ABSENT = object()
+
+
+def _lookup(meta: dict, key: str) -> Any:
+    node: Any = meta
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def validate_manifest(meta: Any, where: str = MANIFEST) -> dict:
+    """The manifest if it follows the schema; else ManifestError naming the first bad key."""
+    if not isinstance(meta, dict):
+        raise ManifestError(f"{where}: must be a JSON object, not {_kind(meta)}")
+    for key, check, required in SCHEMA:
+        value = _lookup(meta, key)
+        if value is _ABSENT:
+            if required:
+                raise ManifestError(f"{where}: '{key}' is missing")
+            continue
+        problem = check(value)
+        if problem:
+            raise ManifestError(f"{where}: '{key}' {problem}")
+    _check_consistency(meta, where)
+    return meta
+
+
+def _check_consistency(meta: dict, where: str) -> None:
+    vocab_size = meta["vocab_size"]
+    for name in SPECIAL_TOKENS:
+        if meta["special_tokens"][name] >= vocab_size:
+            raise ManifestError(f"{where}: 'special_tokens.{name}' must be below vocab_size ({vocab_size})")
+    if meta["decoder"]["vocab_size"] != vocab_size:
+        raise ManifestError(f"{where}: 'decoder.vocab_size' ({meta['decoder']['vocab_size']}) "
+                            f"differs from 'vocab_size' ({vocab_size})")
+    for name, digest in meta["sha256"].items():
+        problem = plain_name_problem(name) or _sha256(digest)
+        if problem:
+            raise ManifestError(f"{where}: 'sha256' entry {name!r:.60} {problem}")
+    for role, name in meta["files"].items():
+        if name not in meta["sha256"]:
+            raise ManifestError(f"{where}: 'sha256' has no entry for {name} (files.{role}); every file is hashed")
+
+
+# --- reading a bundle ------------------------------------------------------------------------------------
+
+
 def read_manifest(folder: str | Path, verify: bool = True) -> dict:
-    """The bundle's capcli.json, after checking its format version and every file's sha256."""
+    """The bundle's capcli.json, checked against the schema; with verify, every named file's sha256 too."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise CapcliError(f"'{folder}' is not a capcli bundle (no {MANIFEST}); create one with capcli export")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CapcliError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
-    if meta.get("format") != FORMAT:
-        raise CapcliError(f"{path}: not a capcli bundle manifest")
+        raise ManifestError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
+    except OSError as exc:
+        raise CapcliError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not a capcli bundle manifest")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CapcliError(
-            f"bundle format version {version!r} is not supported (this capcli reads version {FORMAT_VERSION})"
+            f"bundle format version {version!r} is not supported (this capcli reads version {FORMAT_VERSION}); "
+            "export the run again with this capcli"
         )
+    validate_manifest(meta, str(path))
     if verify:
         verify_files(folder, meta)
     return meta
 
 
+def bundle_file(folder: Path, name: str) -> Path:
+    """A file the manifest names, refused unless it is a regular file inside the bundle folder."""
+    problem = plain_name_problem(name)
+    if problem:
+        raise ManifestError(f"bundle '{folder}': file name {problem}")
+    path = folder / name
+    if not path.is_file():
+        raise CapcliError(f"bundle '{folder}' is incomplete: {name} is missing")
+    if path.is_symlink() and Path(os.path.realpath(path)).parent != Path(os.path.realpath(folder)):
+        raise CapcliError(f"bundle '{folder}': {name} points outside the bundle folder")
+    return path
+
+
 def verify_files(folder: Path, meta: dict) -> None:
-    for name, expected in meta.get("sha256", {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise CapcliError(f"bundle '{folder}' is incomplete: {name} is missing")
+    """Every file the manifest hashes exists inside the folder with that sha256."""
+    for name, expected in meta["sha256"].items():
+        path = bundle_file(folder, name)
         if sha256_file(path) != expected:
-            raise CapcliError(f"bundle '{folder}' was altered: sha256 of {name} does not match capcli.json")
+            raise CapcliError(f"bundle '{folder}' was altered: sha256 of {name} does not match {MANIFEST}")
+
+
+def load_vocabulary(folder: Path, meta: dict):
+    """vocab.json, refused unless it is the vocabulary the manifest (and so the graphs) were made with."""
+    from capcli.data.text import SPECIALS, Vocabulary
+
+    name = meta["files"]["vocab"]
+    vocab = Vocabulary.load(bundle_file(folder, name))
+    if len(vocab) != meta["vocab_size"]:
+        raise CapcliError(f"bundle '{folder}': {name} has {len(vocab)} words, {MANIFEST} says vocab_size "
+                          f"{meta['vocab_size']}")
+    if vocab.sha256 != meta["vocab_sha256"]:
+        raise CapcliError(f"bundle '{folder}': {name} is not the vocabulary the model was exported with "
+                          f"(vocab_sha256 differs)")
+    for token, word in zip(SPECIAL_TOKENS, SPECIALS, strict=True):
+        if meta["special_tokens"][token] != vocab.stoi[word]:
+            raise ManifestError(f"bundle '{folder}': 'special_tokens.{token}' is not the id of {word} in {name}")
+    return vocab

@@ -60,37 +60,86 @@ def decode_states(captioner, state, beam_size: int, n_best: int = 1, max_len: in
     return [[(vocab.decode(h.tokens), float(h.score)) for h in per_image] for per_image in beams]
 
 
+# Images per encoder run, whatever --batch-size is: the encoder's activations grow with the batch (a
+# batch of 1000 took 17 GB), while decoding a large batch at once costs little and is what makes it fast.
+ENCODE_CHUNK = 16
+
+
 def _batches(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
+def find_images(args: list[str]) -> tuple[list[str], list[str]]:
+    """Image arguments -> (image paths, one problem line per argument that gave none).
+
+    A file argument is kept exactly as given (even when its name looks like a glob: `[1].jpg`); a folder
+    gives its images, sorted; a glob its matches. An empty argument is an error, not the current folder.
+    """
+    from capcli.errors import CapcliError
+    from capcli.images import IMAGE_SUFFIXES, expand_image_args
+
+    found: list[str] = []
+    problems: list[str] = []
+    for arg in args:
+        if not arg.strip():
+            raise CapcliError("an image argument is empty (''); name files, folders or globs")
+        if Path(arg).is_file() or not (Path(arg).is_dir() or any(ch in arg for ch in "*?[")):
+            found.append(arg)  # missing files are reported in order, as a failed image
+            continue
+        paths, arg_problems = expand_image_args([arg])
+        problems.extend(arg_problems)
+        if Path(arg).is_dir() and not paths:
+            problems.append(f"{arg}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        found.extend(str(p) for p in paths)
+    if not found:
+        raise CapcliError(problems[0] if len(problems) == 1 else f"no images to caption: {'; '.join(problems)}")
+    return found, problems
+
+
+def _encode_chunks(captioner, paths: list, results: list[CaptionResult]):
+    """Load and encode in chunks of ENCODE_CHUNK; unusable images get their error. -> (state, encoded rows)."""
+    states, rows = [], []
+    for chunk in _batches(list(enumerate(paths)), ENCODE_CHUNK):
+        arrays = []
+        for row, path in chunk:
+            try:
+                arrays.append(load_input(path, captioner.preprocessing))
+                rows.append(row)
+            except ImageError as exc:
+                results[row].error = str(exc)
+        if arrays:
+            states.append(captioner.encode(np.stack(arrays)))
+    if not states:
+        return None, rows
+    axes = captioner.state_batch_axes
+    state = tuple(np.concatenate([s[i] for s in states], axis=axis) for i, axis in enumerate(axes))
+    return state, rows
+
+
 def caption_images(
     captioner,
-    paths: list[Path],
+    paths: list[Path] | list[str],
     beam_size: int = 3,
     batch_size: int = 8,
     n_best: int = 1,
     on_result: Callable[[CaptionResult], None] | None = None,
     sampling: Sampling | None = None,
 ) -> list[CaptionResult]:
-    """Caption every image; unusable ones get an error result and the rest go on."""
+    """Caption every image; unusable ones get an error result and the rest go on.
+
+    `batch_size` images are decoded together; they are encoded ENCODE_CHUNK at a time, so memory stays
+    bounded however large the batch.
+    """
     results: list[CaptionResult] = []
     for chunk in _batches(list(paths), batch_size):
-        ready, arrays = [], []
-        for path in chunk:
-            try:
-                arrays.append(load_input(path, captioner.preprocessing))
-                ready.append(CaptionResult(str(path)))
-            except ImageError as exc:
-                ready.append(CaptionResult(str(path), error=str(exc)))
-        good = [r for r in ready if r.error is None]
-        if good:
-            state = captioner.encode(np.stack(arrays))
+        ready = [CaptionResult(str(path)) for path in chunk]
+        state, rows = _encode_chunks(captioner, chunk, ready)
+        if state is not None:
             decoded = decode_states(captioner, state, beam_size, n_best, sampling=sampling)
-            for result, options in zip(good, decoded, strict=True):
-                result.caption, result.score = options[0]
-                result.alternatives = options if n_best > 1 else []
+            for row, options in zip(rows, decoded, strict=True):
+                ready[row].caption, ready[row].score = options[0]
+                ready[row].alternatives = options if n_best > 1 else []
         for r in ready:
             results.append(r)
             if on_result:

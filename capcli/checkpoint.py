@@ -61,3 +61,35 @@ def check_matches(ckpt: dict, backbone_name: str, feature_dim: int, vocab_sha256
             "checkpoint vocabulary differs from this dataset's (vocab hash "
             f"{ckpt['vocab_sha256'][:12]} vs {vocab_sha256[:12]}); use the dataset and threshold it was trained on"
         )
+
+
+def rng_state() -> dict:
+    """Every random number generator a training process uses, in a form weights_only loading accepts."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back what `rng_state` saved, so a resumed run draws what an uninterrupted one would."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,24 +1,34 @@
-"""Greedy, beam and sampled decoding over a one-step decoder, shared by every runtime.
+"""Greedy, beam and sampled decoding over a one-step decoder, shared by every runtime and both decoders.
 
-A runtime (PyTorch, ONNX Runtime) only has to provide a `Step`: feed one token per row with the recurrent
-state and get the next token's log-probabilities and the new state. Everything here is numpy, so captioning
-from an exported bundle never imports torch.
+A runtime (PyTorch, ONNX Runtime) only has to provide a step: feed one token per row with the recurrent
+state and get the next token's log-probabilities and the new state. An attention decoder's step also
+reads per-image context (the grid and its attention projection): arrays that are not recurrent state,
+so they never change, but they are expanded to beams and re-indexed by parent rows alongside h and c
+like the state; its step returns the attention weights it used, and every hypothesis keeps those of
+its own path. Everything here is numpy, so captioning from an exported bundle never imports torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-State = tuple[np.ndarray, ...]  # every array has the batch on axis 1, e.g. h and c as [layers, batch, hidden]
+State = tuple[np.ndarray, ...]  # recurrent state: every array has the batch on axis 1 (h, c: [layers, batch, hidden])
+Context = tuple[np.ndarray, ...]  # per-image context: every array has the batch on axis 0 (grid: [batch, P, C])
 
 
 class Step(Protocol):
     def __call__(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """Tokens int64 [N] -> log-probs float32 [N, V] (log-softmax applied) and the new state."""
+        ...
+
+
+class ContextStep(Protocol):
+    def __call__(self, tokens: np.ndarray, state: State, context: Context) -> tuple[np.ndarray, State, np.ndarray]:
+        """As Step, reading per-image context; also returns the attention weights used, float32 [N, P]."""
         ...
 
 
@@ -28,12 +38,24 @@ class Hypothesis:
     log_prob: float  # sum of the token log-probs, the <end> token included when finished
     score: float  # log_prob / (len(tokens) + finished) ** length_penalty
     finished: bool  # ended with <end>; False when it hit max_len
+    # With a context step: the attention weights each token was predicted with, [len(tokens), P].
+    attention: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
-def _hypothesis(tokens: list[int], log_prob: float, finished: bool, length_penalty: float) -> Hypothesis:
+def _run(step: Step | ContextStep, tokens: np.ndarray, state: State, context: Context):
+    """One step of either kind -> (log_probs, state, attention weights or None)."""
+    if not context:
+        log_probs, state = step(tokens, state)  # type: ignore[call-arg]
+        return log_probs, state, None
+    return step(tokens, state, context)  # type: ignore[call-arg]
+
+
+def _hypothesis(
+    tokens: list[int], log_prob: float, finished: bool, length_penalty: float, attention: np.ndarray | None = None
+) -> Hypothesis:
     length = max(len(tokens) + int(finished), 1)
     score = float(log_prob) / length**length_penalty
-    return Hypothesis(tokens=tokens, log_prob=float(log_prob), score=score, finished=finished)
+    return Hypothesis(tokens=tokens, log_prob=float(log_prob), score=score, finished=finished, attention=attention)
 
 
 def _batch_size(state: State) -> int:
@@ -55,37 +77,57 @@ Chooser = Callable[[np.ndarray], np.ndarray]
 
 
 def _walk(
-    step: Step, state: State, start_id: int, end_id: int, max_len: int, choose: Chooser
+    step: Step | ContextStep,
+    state: State,
+    start_id: int,
+    end_id: int,
+    max_len: int,
+    choose: Chooser,
+    context: Context = (),
 ) -> list[Hypothesis]:
     """Follow one path per row, picking each next token with `choose`, until all rows end or max_len."""
     n = _batch_size(state)
     rows = np.arange(n)
     tokens = np.full(n, start_id, dtype=np.int64)
     seqs: list[list[int]] = [[] for _ in range(n)]
+    looked: list[list[np.ndarray]] = [[] for _ in range(n)]
     log_prob = np.zeros(n)
     finished = np.zeros(n, dtype=bool)
     for _ in range(max_len):
-        log_probs, state = step(tokens, state)
+        log_probs, state, alpha = _run(step, tokens, state, context)
         tokens = np.asarray(choose(log_probs), dtype=np.int64)
         live = ~finished
         log_prob[live] += log_probs[rows, tokens][live]
         finished |= live & (tokens == end_id)
         for i in np.flatnonzero(live & ~finished):
             seqs[i].append(int(tokens[i]))
+            if alpha is not None:
+                looked[i].append(alpha[i])
         if finished.all():
             break
     # No length_penalty argument here: the score is the mean log-prob per token (penalty 1).
-    return [_hypothesis(seqs[i], log_prob[i], bool(finished[i]), 1.0) for i in range(n)]
+    return [
+        _hypothesis(seqs[i], log_prob[i], bool(finished[i]), 1.0, _stacked(looked[i], context)) for i in range(n)
+    ]
 
 
-def greedy(step: Step, state: State, start_id: int, end_id: int, max_len: int = 20) -> list[Hypothesis]:
+def _stacked(weights: list[np.ndarray], context: Context) -> np.ndarray | None:
+    if not context:
+        return None
+    positions = context[0].shape[1]
+    return np.stack(weights).astype(np.float32) if weights else np.zeros((0, positions), np.float32)
+
+
+def greedy(
+    step: Step | ContextStep, state: State, start_id: int, end_id: int, max_len: int = 20, context: Context = ()
+) -> list[Hypothesis]:
     """The most likely next token at every step, for each image of the batch."""
     _check(max_len)
-    return _walk(step, state, start_id, end_id, max_len, lambda log_probs: log_probs.argmax(axis=1))
+    return _walk(step, state, start_id, end_id, max_len, lambda log_probs: log_probs.argmax(axis=1), context)
 
 
 def sample(
-    step: Step,
+    step: Step | ContextStep,
     state: State,
     start_id: int,
     end_id: int,
@@ -93,6 +135,7 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     rng: np.random.Generator | None = None,
+    context: Context = (),
 ) -> list[Hypothesis]:
     """Draw each next token from the (tempered, optionally top-k) distribution; log_prob stays the model's."""
     _check(max_len, temperature=temperature)
@@ -111,7 +154,7 @@ def sample(
         pick = np.minimum((cdf < rng.random((len(cdf), 1))).sum(axis=1), cdf.shape[1] - 1)
         return pick if order is None else order[np.arange(len(pick)), pick]
 
-    return _walk(step, state, start_id, end_id, max_len, choose)
+    return _walk(step, state, start_id, end_id, max_len, choose, context)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,7 +201,7 @@ def _settled(pool: list[Hypothesis], live: np.ndarray, length: int, max_len: int
 
 
 def beam_search(
-    step: Step,
+    step: Step | ContextStep,
     state: State,
     start_id: int,
     end_id: int,
@@ -166,50 +209,70 @@ def beam_search(
     max_len: int = 20,
     length_penalty: float = 1.0,
     n_best: int = 1,
+    context: Context = (),
 ) -> list[list[Hypothesis]]:
     """Beam search for every image at once; per image, up to n_best hypotheses, best score first.
 
     The B images' K beams are one batch of B*K rows for the step. A beam that emits <end> moves to its
     image's pool and its slot is masked to -inf, so an image keeps searching with K minus its finished
     count (beam width 1 is therefore greedy). When no beam of an image ends within max_len, its best
-    unfinished beams are returned with finished=False.
+    unfinished beams are returned with finished=False. Context arrays follow the state's rows.
     """
     _check(max_len, beam_size=beam_size, n_best=n_best)
     if n_best > beam_size:
         raise ValueError(f"n_best ({n_best}) cannot exceed beam_size ({beam_size})")
     b, k = _batch_size(state), beam_size
     state = tuple(np.repeat(s, k, axis=1) for s in state)
+    context = tuple(np.repeat(x, k, axis=0) for x in context)
     beam_lp = np.full((b, k), -np.inf)
     beam_lp[:, 0] = 0.0  # one live beam per image at first, not K identical ones
     seqs = np.zeros((b, k, 0), dtype=np.int64)
+    looked = np.zeros((b, k, 0, context[0].shape[1] if context else 0), dtype=np.float32)  # attention per token
     tokens = np.full(b * k, start_id, dtype=np.int64)
     pools: list[list[Hypothesis]] = [[] for _ in range(b)]
     done = np.zeros(b, dtype=bool)
     for length in range(1, max_len + 1):
-        log_probs, state = step(tokens, state)
+        log_probs, state, alpha = _run(step, tokens, state, context)
         vocab = log_probs.shape[1]
         total = beam_lp[:, :, None] + log_probs.reshape(b, k, vocab)
         index, value = _top_k(total.reshape(b, k * vocab), k)
         parent, token = index // vocab, index % vocab
-        beam_lp, new_parent, new_token = _advance(
-            pools, done, seqs, parent, token, value, end_id, length_penalty
-        )
+        paths = _Paths(seqs, looked if context else None)
+        beam_lp, new_parent, new_token = _advance(pools, done, paths, parent, token, value, end_id, length_penalty)
         for i in np.flatnonzero(~done):
             done[i] = _settled(pools[i], beam_lp[i], length, max_len, length_penalty, n_best)
         beam_lp[done] = -np.inf
         images = np.arange(b)[:, None]
-        state = tuple(s[:, (images * k + new_parent).ravel()] for s in state)
+        rows = (images * k + new_parent).ravel()
+        state = tuple(s[:, rows] for s in state)
+        context = tuple(x[rows] for x in context)
         seqs = np.concatenate([seqs[images, new_parent], new_token[..., None]], axis=2)
+        if alpha is not None:
+            chosen = alpha.reshape(b, k, -1)[images, new_parent]  # what each new token was predicted with
+            looked = np.concatenate([looked[images, new_parent], chosen[:, :, None].astype(np.float32)], axis=2)
         tokens = new_token.ravel()
         if done.all():
             break
-    return [_results(pools[i], seqs[i], beam_lp[i], length_penalty, n_best) for i in range(b)]
+    paths = _Paths(seqs, looked if context else None)
+    return [_results(pools[i], paths, i, beam_lp[i], length_penalty, n_best) for i in range(b)]
+
+
+@dataclass
+class _Paths:
+    """Each live beam's tokens [B, K, t] and, with attention, the weights behind them [B, K, t, P]."""
+
+    seqs: np.ndarray
+    attention: np.ndarray | None
+
+    def hypothesis(self, image: int, beam: int, log_prob: float, finished: bool, lp: float) -> Hypothesis:
+        weights = None if self.attention is None else self.attention[image, beam]
+        return _hypothesis(self.seqs[image, beam].tolist(), log_prob, finished, lp, weights)
 
 
 def _advance(
     pools: list[list[Hypothesis]],
     done: np.ndarray,
-    seqs: np.ndarray,
+    paths: _Paths,
     parent: np.ndarray,
     token: np.ndarray,
     value: np.ndarray,
@@ -227,8 +290,7 @@ def _advance(
             if not np.isfinite(value[i, j]):
                 break
             if token[i, j] == end_id:
-                prefix = seqs[i, parent[i, j]].tolist()
-                pools[i].append(_hypothesis(prefix, value[i, j], True, length_penalty))
+                pools[i].append(paths.hypothesis(i, parent[i, j], value[i, j], True, length_penalty))
                 continue
             beam_lp[i, live], new_parent[i, live], new_token[i, live] = value[i, j], parent[i, j], token[i, j]
             live += 1
@@ -236,9 +298,9 @@ def _advance(
 
 
 def _results(
-    pool: list[Hypothesis], seqs: np.ndarray, beam_lp: np.ndarray, length_penalty: float, n_best: int
+    pool: list[Hypothesis], paths: _Paths, image: int, beam_lp: np.ndarray, length_penalty: float, n_best: int
 ) -> list[Hypothesis]:
     if not pool:  # nothing ended within max_len: fall back to the best unfinished beams
         live = np.flatnonzero(np.isfinite(beam_lp))
-        pool = [_hypothesis(seqs[j].tolist(), beam_lp[j], False, length_penalty) for j in live]
+        pool = [paths.hypothesis(image, j, beam_lp[j], False, length_penalty) for j in live]
     return sorted(pool, key=lambda h: h.score, reverse=True)[:n_best]

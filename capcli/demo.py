@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from capcli.console import err, out
+from rich.text import Text
+
+from capcli.console import err, out, plain
 
 BACKBONE = "efficientnet_lite0"  # its ImageNet weights ship in a pip package: works offline
 
 
 def _step(title: str) -> float:
-    err.rule(f"[bold]{title}")
+    err.rule(Text(title, style="bold"))
     return time.perf_counter()
 
 
@@ -65,9 +67,10 @@ def run_demo(n_images: int = 10_000, epochs: int = 15, bundle: str = "exported/d
     for col in ("image", "generated", "a reference"):
         table.add_column(col)
     for name, r in zip(names, results, strict=True):
-        table.add_row(name, r.caption or f"[red]{r.error}[/red]", ds.captions[name][0])
+        table.add_row(name, r.caption or plain(r.error, "red"), ds.captions[name][0])
     out.print(table)
-    report = evaluate(bundle, str(data_dir), split="test", beam_size=3, runtime="onnx", provider="cpu")
+    report = evaluate(bundle, str(data_dir), split="test", beam_size=3, runtime="onnx", provider="cpu",
+                      out=Path(run) / "evaluation-test.json")
     print_scores(report)
     rows = [{"image": str(ds.image_path(c["image"])), "caption": c["caption"], "references": c["references"]}
             for c in report["captions"][:48]]

@@ -8,8 +8,8 @@ weights + preprocessing + opset + output into the cache (written to a temporary 
 export leaves nothing that loads) and runs it with session options tuned for a CPU that DataLoader workers
 share.
 
-A graph output is one named way of reading the backbone: today the pooled features; a spatial grid taken
-before pooling can be added to `OUTPUTS` and is exported, cached and run the same way.
+A graph output is one named way of reading the backbone (`OUTPUTS`): its pooled features, or the spatial grid
+taken before pooling for backbones that declare one; each is exported, cached and run the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 ENGINES = ("auto", "torch", "onnx")
-GRAPH_FORMAT = "capcli-backbone-graph/1"
+GRAPH_FORMAT = "capcli-backbone-graph/2"  # bump when the graph's inputs or outputs change
 GRAPH_OPSET = 18
 EXAMPLE_BATCH = 2  # a batch of 1 would let the exporter fix the batch dimension
 GRAPH_REL_TOL = 1e-3  # max |torch - onnx| / max |torch| on the export's own example batch
@@ -47,7 +47,8 @@ class GraphOutput:
 
 
 OUTPUTS: dict[str, GraphOutput] = {
-    "pooled": GraphOutput("features", lambda backbone, weights: backbone.build(weights)),
+    "pooled": GraphOutput("features", lambda backbone, weights: backbone.build(weights)),  # [B, D]
+    "grid": GraphOutput("grid", lambda backbone, weights: backbone.build_grid(weights)),  # [B, C, H, W]
 }
 
 
@@ -84,14 +85,6 @@ def resolve_engine(engine: str, device: str) -> str:
     return engine
 
 
-def default_workers(engine: str, device: str) -> int:
-    """DataLoader workers when none are asked for: the CPU forward needs cores too."""
-    cpus = os.cpu_count() or 1
-    if device.startswith("cuda"):
-        return min(8, cpus)
-    return max(1, cpus // 2)
-
-
 def record_engine(meta: dict, engine: str) -> bool:
     """Note in a feature cache's meta which engine computed its rows ('onnx', or 'onnx+torch' when a
     resumed run switched); True when the meta changed and must be written."""
@@ -114,6 +107,7 @@ def graph_key(backbone: Backbone, weights: str, output: str, opset: int) -> str:
         "weights": weights_id(weights),
         "preprocessing": backbone.preprocessing.to_dict(),
         "output": output,
+        "grid": backbone.grid.to_dict() if output == "grid" and backbone.grid else None,
         "opset": opset,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -153,7 +147,7 @@ def export_graph(backbone: Backbone, weights: str, output: str = "pooled", opset
     axes = {"pixels": 0, name: 0}
     try:
         with err.status(f"exporting {backbone.name} ({output}) to ONNX once, for ONNX Runtime extraction"):
-            _export(module, (example,), tmp, ["pixels"], [name], axes, opset)
+            _export(module, (example,), tmp, ["pixels"], [name], axes, opset, "dynamo")
             _check_graph(tmp, axes)
         with torch.inference_mode():
             expected = module(example).numpy()
@@ -233,21 +227,26 @@ class TorchExtractor:
         return out.float().cpu().numpy()
 
 
-def _open_session(path: Path, device: str, threads: int | None):
+def _open_session(path: Path, device: str, threads: int | None, output: str):
     if device.startswith("cuda"):
         import onnxruntime as ort
 
         from capcli.runtime_onnx import choose_providers
 
-        return ort.InferenceSession(str(path), providers=choose_providers("cuda"))
-    return cpu_session(path, threads)
+        session = ort.InferenceSession(str(path), providers=choose_providers("cuda"))
+    else:
+        session = cpu_session(path, threads)
+    names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    if names != (["pixels"], [_output(output).name]):
+        raise ValueError(f"unexpected inputs/outputs {names}")
+    return session
 
 
 def onnx_session(backbone: Backbone, weights: str, output: str, device: str, threads: int | None = None):
     """An ONNX Runtime session on the cached graph (exported first if needed)."""
     path = export_graph(backbone, weights, output)
     try:
-        return _open_session(path, device, threads)
+        return _open_session(path, device, threads, output)
     except CapcliError:
         raise
     except Exception as exc:  # the cached file was damaged after it was written: export it again, once
@@ -255,7 +254,7 @@ def onnx_session(backbone: Backbone, weights: str, output: str, device: str, thr
 
         err.print(f"cached graph {path} cannot be loaded ({type(exc).__name__}); exporting it again")
         path.unlink(missing_ok=True)
-        return _open_session(export_graph(backbone, weights, output), device, threads)
+        return _open_session(export_graph(backbone, weights, output), device, threads, output)
 
 
 def make_extractor(backbone: Backbone, weights: str, engine: str, device: str, output: str = "pooled",

@@ -9,21 +9,34 @@ import json
 from pathlib import Path
 
 from capcli.caption import caption_images, open_captioner
-from capcli.console import progress
+from capcli.console import progress, warn
 from capcli.errors import CapcliError
-from capcli.paths import atomic_write_json
+from capcli.paths import atomic_write_json, output_file
 
 
 def model_dataset_defaults(model: str | Path) -> dict:
     """The dataset spec and split seed a bundle or run was trained with, when it says."""
+    from capcli.bundle import MANIFEST, read_manifest
+
     model = Path(model)
-    if (model / "capcli.json").is_file():
-        return json.loads((model / "capcli.json").read_text()).get("dataset", {})
+    if (model / MANIFEST).is_file():
+        return read_manifest(model, verify=False).get("dataset", {})
     cfg = model / "config.json" if model.is_dir() else model.parent / "config.json"
     if cfg.is_file():
-        train = json.loads(cfg.read_text())["train"]
-        return {"spec": train["dataset"], "images": train.get("images"), "seed": train["seed"]}
+        try:
+            train = json.loads(cfg.read_text(encoding="utf-8"))["train"]
+            return {"spec": train["dataset"], "images": train.get("images"), "seed": train["seed"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CapcliError(f"{cfg}: unreadable run config; pass --dataset") from None
     return {}
+
+
+def default_output(model: str | Path, split: str) -> Path:
+    """evaluation-MODEL-SPLIT.json in the current folder: never inside the bundle, which may be read-only
+    or shared, and whose files export --force replaces."""
+    model = Path(model).resolve()
+    name = model.name if model.is_dir() else model.parent.name
+    return Path(f"evaluation-{name}-{split}.json")
 
 
 def synthetic_correctness(ds, candidates: dict[str, str]) -> dict[str, float] | None:
@@ -56,11 +69,22 @@ def evaluate(
     seed: int | None = None,
     out: str | Path | None = None,
     show_progress: bool = True,
+    allow_missing: bool = False,
 ) -> dict:
-    """Caption `split` of the dataset and score it; writes captions and scores to `out` (JSON)."""
+    """Caption `split` of the dataset and score it; writes captions and scores to `out` (JSON).
+
+    Every image of the split (or the first `limit`) must be captioned: missing images stop it before any
+    captioning, unreadable ones after the report is written, unless `allow_missing` (then the rest is
+    scored and the report lists what was left out).
+    """
     from capcli.data.readers import load_dataset
     from capcli.metrics import score_captions
 
+    if limit is not None and limit < 1:
+        raise CapcliError(f"--limit must be at least 1, got {limit}")
+    if beam_size < 1:
+        raise CapcliError(f"--beam-size must be at least 1, got {beam_size}")
+    out = output_file(out if out is not None else default_output(model, split))  # before any work
     defaults = model_dataset_defaults(model)
     dataset = dataset or defaults.get("spec")
     if not dataset:
@@ -72,6 +96,13 @@ def evaluate(
     if split not in ds.splits or not ds.splits[split]:
         raise CapcliError(f"dataset '{ds.name}' has no '{split}' split (has: {', '.join(ds.splits)})")
     names = ds.splits[split][:limit] if limit else ds.splits[split]
+    missing = [n for n in names if not ds.image_path(n).is_file()]
+    if missing:
+        _refuse_or_warn(f"{len(missing)} of {len(names)} images of the {split} split are missing from "
+                        f"{ds.images_dir} (first: {missing[0]}); pass --images DIR where they are", allow_missing)
+        names = [n for n in names if n not in set(missing)]
+        if not names:
+            raise CapcliError(f"none of the {split} split's images is in {ds.images_dir}; pass --images DIR")
     captioner = open_captioner(model, runtime=runtime, provider=provider, device=device)
     with progress(transient=not show_progress) as bar:
         task = bar.add_task(f"caption {split}", total=len(names), info="")
@@ -85,14 +116,21 @@ def evaluate(
     scores = score_captions({n: ds.captions[n] for n in candidates}, candidates)
     report = {
         "model": str(model), "runtime": runtime, "dataset": ds.name, "split": split, "beam_size": beam_size,
-        "images": len(candidates), "failed": failed, "scores": scores.values, "tokenizer": scores.tokenizer,
+        "images": len(candidates), "split_images": len(ds.splits[split]), "limit": limit,
+        "missing": missing, "failed": failed, "scores": scores.values, "tokenizer": scores.tokenizer,
         "skipped": scores.skipped,
         "colour_shape_correct": synthetic_correctness(ds, candidates),
         "captions": [{"image": n, "caption": candidates[n], "references": ds.captions[n]} for n in candidates],
     }
-    if out is None:
-        base = Path(model) if Path(model).is_dir() else Path(model).parent
-        out = base / f"evaluation-{split}.json"
     atomic_write_json(out, report)
     report["out"] = str(out)
+    if failed:
+        _refuse_or_warn(f"{len(failed)} of {len(names)} images could not be captioned (listed under 'failed' "
+                        f"in {out}; first: {next(iter(failed.values()))})", allow_missing)
     return report
+
+
+def _refuse_or_warn(problem: str, allow_missing: bool) -> None:
+    if not allow_missing:
+        raise CapcliError(f"{problem}; or --allow-missing to score the rest")
+    warn(f"{problem}; scoring the rest (--allow-missing)")

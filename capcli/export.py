@@ -7,7 +7,11 @@ dimension) and every batch dimension is asserted symbolic.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import importlib.util
+import io
+import json
 import os
 import shutil
 import warnings
@@ -18,12 +22,12 @@ import numpy as np
 import torch
 
 from capcli import __version__, bundle, checkpoint
-from capcli.console import err
 from capcli.errors import CapcliError
 from capcli.model import DecoderStep, Encoder
-from capcli.paths import atomic_write_json
+from capcli.paths import atomic_write_json, describe_os_error, make_temp_folder, output_folder
 
 DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the torch.export-based exporter's lowest
 ENCODER_TOL = 1e-3  # max |h0,c0 torch - onnx|
 STEP_TOL = 2e-3  # max |log_probs torch - onnx| along a greedy path
 
@@ -45,30 +49,72 @@ def _dynamic_dims(model_path: Path) -> dict[str, list]:
     return dims
 
 
-def _export(module, args, path: Path, names_in, names_out, batch_axes: dict[str, int], opset: int) -> str:
-    """torch.export-based ONNX export with a symbolic batch; the TorchScript exporter if that fails."""
+EXPORTERS = ("dynamo", "torchscript")
+
+
+def check_exporter(exporter: str) -> str:
+    """The exporter asked for, if it can run: "dynamo" (torch.export, the one PyTorch develops; the
+    default) needs onnxscript; "torchscript" is the older exporter, faster to run on small graphs."""
+    if exporter not in EXPORTERS:
+        raise CapcliError(f"unknown exporter '{exporter}'; use {' or '.join(EXPORTERS)}")
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        raise CapcliError("the dynamo exporter needs onnxscript (pip install onnxscript, part of capcli[train]); "
+                          "or pass --exporter torchscript")
+    return exporter
+
+
+def _export(module, args, path: Path, names_in, names_out, batch_axes: dict[str, int], opset: int,
+            exporter: str) -> tuple[str, str | None]:
+    """Export with a symbolic batch; returns (exporter used, why the TorchScript fallback was needed).
+
+    Some graphs only the TorchScript exporter handles: then it is used quietly and the reason is recorded.
+    """
     module.eval()
+    fallback = None
+    if exporter == "dynamo":
+        try:
+            _export_dynamo(module, args, path, names_in, names_out, batch_axes, opset)
+            return "dynamo", None
+        except Exception as exc:  # anything torch.export cannot trace: the other exporter may still work
+            fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            path.unlink(missing_ok=True)
+    axes = {n: {batch_axes[n]: "batch"} for n in list(names_in) + list(names_out)}
+    with _quiet():
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, dynamic_axes=axes, opset_version=opset,
+            input_names=names_in, output_names=names_out,
+        )
+    return "torchscript", fallback
+
+
+def _export_dynamo(module, args, path: Path, names_in, names_out, batch_axes: dict[str, int], opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     shapes = tuple({batch_axes[n]: batch} for n in names_in)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, args, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
-                input_names=names_in, output_names=names_out, verbose=False,
-            )
-            program.save(str(path), external_data=False)
-        return "torch.export"
-    except Exception as exc:  # some graphs only the TorchScript exporter handles
-        err.print(f"torch.export-based ONNX export failed ({type(exc).__name__}); using the TorchScript exporter")
-        axes = {n: {batch_axes[n]: "batch"} for n in list(names_in) + list(names_out)}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, args, str(path), dynamo=False, dynamic_axes=axes, opset_version=opset,
-                input_names=names_in, output_names=names_out,
-            )
-        return "torchscript"
+    with _quiet():
+        program = torch.onnx.export(
+            module, args, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+            input_names=names_in, output_names=names_out, verbose=False, report=False,
+        )
+        program.save(str(path), external_data=False)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters' warnings and progress lines are about their internals, not the user's model."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _stamp(path: Path, props: dict[str, str]) -> None:
+    """Write capcli's metadata into a graph, so a graph from another model is recognised on load."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
 
 
 def _check_graph(path: Path, batch_axes: dict[str, int]) -> None:
@@ -128,22 +174,58 @@ def _parity(tmp: Path, encoder: Encoder, step_module: DecoderStep, batch: np.nda
     }
 
 
+OUTPUT_FILES = ("encoder.onnx", "decoder.onnx", "vocab.json")  # and the manifest, written last
+
+
 def _prepare_out(out: Path, force: bool) -> None:
+    """Refuse an --out that is a file, read-only, another folder's content or (without --force) a bundle."""
+    output_folder(out)
     if not out.exists():
         return
-    if not (out / bundle.MANIFEST).is_file() and any(out.iterdir()):
-        raise CapcliError(f"'{out}' exists and is not a capcli bundle; choose another --out")
-    if (out / bundle.MANIFEST).is_file() and not force:
-        raise CapcliError(f"bundle '{out}' already exists; use --force to replace it")
+    if (out / bundle.MANIFEST).exists():
+        if not force:
+            raise CapcliError(f"bundle '{out}' already exists; use --force to replace it")
+    elif any(out.iterdir()) and not force:
+        raise CapcliError(f"'{out}' exists and is not a capcli bundle; choose another --out, or use --force "
+                          "to write the bundle's files into it (other files are kept)")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace `out` with the finished folder; the old bundle survives until the new one is in place."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def _files_of_previous_bundle(out: Path) -> dict[str, str]:
+    """Name -> sha256 of what an earlier export wrote in `out`, read leniently (it may be old or broken)."""
+    try:
+        meta = json.loads((out / bundle.MANIFEST).read_text(encoding="utf-8"))
+        hashes = meta.get("sha256", {}) if isinstance(meta, dict) else {}
+        return {n: h for n, h in hashes.items() if isinstance(h, str) and bundle.plain_name_problem(n) is None}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into `out`, one atomic rename per file and the manifest last.
+
+    Only export's own files are replaced: the user's other files in `out` (notes, evaluations) stay.
+    Files an earlier export wrote that this one does not (and that nobody changed since) are removed.
+    """
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    previous = _files_of_previous_bundle(out)
+    new = {p.name for p in tmp.iterdir()}
+    for name in sorted(new - {bundle.MANIFEST}):
+        os.replace(tmp / name, out / name)
+    os.replace(tmp / bundle.MANIFEST, out / bundle.MANIFEST)
+    for name, digest in previous.items():
+        stale = out / name
+        if name not in new and stale.is_file() and not stale.is_symlink() and bundle.sha256_file(stale) == digest:
+            stale.unlink()
+
+
+def _check_opset(opset: int) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise CapcliError(f"--opset must be from {MIN_OPSET} to {newest} (this onnx package), got {opset}")
 
 
 def export(
@@ -152,16 +234,20 @@ def export(
     opset: int = DEFAULT_OPSET,
     images: list[Path] | None = None,
     force: bool = False,
+    exporter: str = "dynamo",
 ) -> Path:
     """Write the bundle for a run (its best checkpoint); returns the bundle folder."""
     from capcli.data.text import Vocabulary
     from capcli.images import load_input
     from capcli.registry import get_backbone
 
+    _check_opset(opset)
+    check_exporter(exporter)
     ckpt_path = checkpoint.resolve(run)
-    ckpt = checkpoint.load(ckpt_path)
-    out = Path(out) if out else Path("exported") / ckpt_path.parent.name
+    out = Path(out) if out is not None else Path("exported") / ckpt_path.resolve().parent.name
     _prepare_out(out, force)
+    ckpt = checkpoint.load(ckpt_path)
+    ckpt_sha256 = bundle.sha256_file(ckpt_path)
     spec = get_backbone(ckpt["backbone"])
     checkpoint.check_matches(ckpt, spec.name, spec.feature_dim)
     decoder = checkpoint.build_decoder(ckpt)
@@ -174,23 +260,10 @@ def export(
         raise CapcliError("the parity check needs at least 2 readable images; pass --images")
     batch = np.stack(real).astype(np.float32)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = make_temp_folder(out.parent, prefix=f".{out.name}.")  # beside `out`: renames stay atomic
     try:
-        s = spec.input_size
-        example_images = torch.from_numpy(batch[:2])  # batch of 2: keeps the batch dim symbolic
-        exporter = _export(encoder, (example_images,), tmp / "encoder.onnx", ["images"], ["h0", "c0"],
-                           {"images": 0, "h0": 1, "c0": 1}, opset)
-        with torch.inference_mode():
-            h0, c0 = encoder(example_images)
-        tokens = torch.full((2,), vocab.start_id, dtype=torch.long)
-        _export(step, (tokens, h0.clone(), c0.clone()), tmp / "decoder.onnx", ["tokens", "h", "c"],
-                ["log_probs", "h_out", "c_out"], {"tokens": 0, "h": 1, "c": 1, "log_probs": 0, "h_out": 1,
-                                                  "c_out": 1}, opset)
-        _check_graph(tmp / "encoder.onnx", {"images": 0, "h0": 1, "c0": 1})
-        _check_graph(tmp / "decoder.onnx", {"tokens": 0, "h": 1, "c": 1, "log_probs": 0, "h_out": 1, "c_out": 1})
+        stamp = {bundle.GRAPH_VOCAB_KEY: vocab.sha256, bundle.GRAPH_MODEL_KEY: ckpt_sha256}
+        exporters = _write_graphs(tmp, encoder, step, batch, vocab, opset, stamp, exporter)
         parity = _parity(tmp, encoder, step, batch, vocab, int(ckpt["max_len"]))
         if parity["encoder_max_abs_diff"] > ENCODER_TOL or parity["step_log_probs_max_abs_diff"] > STEP_TOL:
             raise CapcliError(
@@ -198,41 +271,72 @@ def export(
                 f"step {parity['step_log_probs_max_abs_diff']:.2e}); bundle not written"
             )
         atomic_write_json(tmp / "vocab.json", vocab.to_json())
-        manifest = {
-            "format": bundle.FORMAT,
-            "format_version": bundle.FORMAT_VERSION,
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "backbone": spec.name,
-            "weights": ckpt["weights"],
-            "feature_dim": spec.feature_dim,
-            "preprocessing": spec.preprocessing.to_dict(),
-            "input_size": s,
-            "special_tokens": {"pad": vocab.pad_id, "start": vocab.start_id, "end": vocab.end_id,
-                               "unk": vocab.unk_id},
-            "vocab_size": len(vocab),
-            "vocab_sha256": vocab.sha256,
-            "max_len": int(ckpt["max_len"]),
-            "decoder": ckpt["config"],
-            "files": {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "vocab": "vocab.json"},
-            "io": {
-                "encoder": {"inputs": {"images": ["batch", 3, s, s]}, "outputs": ["h0", "c0"]},
-                "decoder": {"inputs": {"tokens": ["batch"], "h": ["layers", "batch", "hidden"],
-                                       "c": ["layers", "batch", "hidden"]},
-                            "outputs": ["log_probs", "h_out", "c_out"]},
-            },
-            "opset": opset,
-            "exporter": exporter,
-            "versions": {name: _pkg_version(name) for name in ("capcli", "torch", "onnx", "onnxruntime")},
-            "capcli_version": __version__,
-            "dataset": {"spec": ckpt["train_config"]["dataset"], "images": ckpt["train_config"].get("images"),
-                        "seed": ckpt["train_config"]["seed"], "fingerprint": ckpt.get("dataset_fingerprint")},
-            "parity": parity,
-            "source_checkpoint": str(ckpt_path.resolve()),
-            "source_checkpoint_sha256": bundle.sha256_file(ckpt_path),
-            "sha256": bundle.hash_files(tmp),
-        }
+        manifest = _manifest(tmp, ckpt, ckpt_path, ckpt_sha256, spec, vocab, opset, exporters, parity)
+        bundle.validate_manifest(manifest)  # what we write, we can read
         atomic_write_json(tmp / bundle.MANIFEST, manifest)
-        _swap_in(tmp, out)
+        _install(tmp, out)
+    except OSError as exc:
+        raise CapcliError(f"cannot write the bundle '{out}': {describe_os_error(exc)}; "
+                          "nothing in it was changed") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_graphs(tmp: Path, encoder: Encoder, step: DecoderStep, batch: np.ndarray, vocab, opset: int,
+                  stamp: dict[str, str], exporter: str) -> dict[str, str]:
+    """encoder.onnx and decoder.onnx in `tmp`, checked and stamped; returns how each was exported."""
+    example_images = torch.from_numpy(batch[:2])  # batch of 2: keeps the batch dim symbolic
+    enc_axes = {"images": 0, "h0": 1, "c0": 1}
+    dec_axes = {"tokens": 0, "h": 1, "c": 1, "log_probs": 0, "h_out": 1, "c_out": 1}
+    used = {}
+    used["encoder"], enc_fallback = _export(encoder, (example_images,), tmp / "encoder.onnx", ["images"],
+                                            ["h0", "c0"], enc_axes, opset, exporter)
+    with torch.inference_mode():
+        h0, c0 = encoder(example_images)
+    tokens = torch.full((2,), vocab.start_id, dtype=torch.long)
+    used["decoder"], dec_fallback = _export(step, (tokens, h0.clone(), c0.clone()), tmp / "decoder.onnx",
+                                            ["tokens", "h", "c"], ["log_probs", "h_out", "c_out"], dec_axes,
+                                            opset, exporter)
+    for name, axes in (("encoder.onnx", enc_axes), ("decoder.onnx", dec_axes)):
+        _check_graph(tmp / name, axes)
+        _stamp(tmp / name, stamp)
+    fallbacks = {k: v for k, v in (("encoder", enc_fallback), ("decoder", dec_fallback)) if v}
+    return {**used, **({"fallback_reasons": fallbacks} if fallbacks else {})}
+
+
+def _manifest(tmp: Path, ckpt: dict, ckpt_path: Path, ckpt_sha256: str, spec, vocab, opset: int,
+              exporters: dict, parity: dict) -> dict:
+    s = spec.input_size
+    return {
+        "format": bundle.FORMAT,
+        "format_version": bundle.FORMAT_VERSION,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "backbone": spec.name,
+        "weights": ckpt["weights"],
+        "feature_dim": spec.feature_dim,
+        "preprocessing": spec.preprocessing.to_dict(),
+        "input_size": s,
+        "special_tokens": {"pad": vocab.pad_id, "start": vocab.start_id, "end": vocab.end_id, "unk": vocab.unk_id},
+        "vocab_size": len(vocab),
+        "vocab_sha256": vocab.sha256,
+        "max_len": int(ckpt["max_len"]),
+        "decoder": ckpt["config"],
+        "files": {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "vocab": "vocab.json"},
+        "io": {
+            "encoder": {"inputs": {"images": ["batch", 3, s, s]}, "outputs": ["h0", "c0"]},
+            "decoder": {"inputs": {"tokens": ["batch"], "h": ["layers", "batch", "hidden"],
+                                   "c": ["layers", "batch", "hidden"]},
+                        "outputs": ["log_probs", "h_out", "c_out"]},
+        },
+        "opset": opset,
+        "exporter": exporters,
+        "versions": {name: _pkg_version(name) for name in ("capcli", "torch", "onnx", "onnxruntime", "onnxscript")},
+        "capcli_version": __version__,
+        "dataset": {"spec": ckpt["train_config"]["dataset"], "images": ckpt["train_config"].get("images"),
+                    "seed": ckpt["train_config"]["seed"], "fingerprint": ckpt.get("dataset_fingerprint")},
+        "parity": parity,
+        "source_checkpoint": str(ckpt_path.resolve()),
+        "source_checkpoint_sha256": ckpt_sha256,
+        "sha256": bundle.hash_files(tmp),
+    }

@@ -1,17 +1,27 @@
 """Cached feature extraction: images -> backbone -> float16 rows in a memory-mapped array.
 
-A cache is keyed by backbone, weights, preprocessing and the dataset's image list, so a second
-run is a no-op. Rows are flushed before the 'done' mask that vouches for them is (atomically)
-replaced, so a run killed at any point resumes without redoing finished batches and never
-leaves a cache that loads but is wrong.
+A cache is keyed by backbone, weights, preprocessing, the dataset's image list and the resolved
+image folder. It also records, per row, the size and mtime of the file the row was made from:
+every run stats the files and re-extracts rows whose file changed, and retries images that
+failed before (a missing file may have appeared), so a cache never vouches for pixels it did not
+see. A second run over an unchanged dataset only stats the files.
+
+Rows are flushed, then their file stats saved, before the 'done' mask that vouches for them is
+(atomically) replaced, so a run killed at any point resumes without redoing finished batches and
+never leaves a cache that loads but is wrong. The feature file is preallocated, so a full disk
+is an error up front rather than a SIGBUS from the memory map.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +32,8 @@ from capcli.errors import CapcliError
 from capcli.images import ImageError, load_pixels
 from capcli.paths import atomic_write_bytes, atomic_write_json, cache_root
 
-FORMAT = "capcli-features/1"
+FORMAT = "capcli-features/2"
+NO_FILE = -1  # size and mtime recorded for a file that could not be stat'ed
 
 
 @dataclass
@@ -43,6 +54,10 @@ class FeatureCache:
         return self.meta.get("failed", {})
 
     @property
+    def images_dir(self) -> str:
+        return self.meta["images_dir"]
+
+    @property
     def complete(self) -> bool:
         return bool(self.done.all())
 
@@ -50,7 +65,19 @@ class FeatureCache:
         return {name: i for i, name in enumerate(self.images)}
 
 
-def cache_key(backbone: Backbone, weights: str, images: list[str], dataset_fingerprint: str) -> str:
+@dataclass
+class _Progress:
+    """The writable state of a cache being filled: rows, their file stats, what is done."""
+
+    meta: dict
+    features: np.ndarray  # [N, D] float16, memory-mapped read-write
+    stats: np.ndarray  # [N, 2] int64: size and mtime_ns of the file each row was read from
+    done: np.ndarray  # [N] bool
+
+
+def cache_key(
+    backbone: Backbone, weights: str, images: list[str], dataset_fingerprint: str, images_dir: str | Path
+) -> str:
     ident = {
         "format": FORMAT,
         "backbone": backbone.name,
@@ -59,18 +86,35 @@ def cache_key(backbone: Backbone, weights: str, images: list[str], dataset_finge
         "preprocessing": backbone.preprocessing.to_dict(),
         "dataset": dataset_fingerprint,
         "images": hashlib.sha256("\n".join(images).encode()).hexdigest(),
+        "images_dir": str(Path(images_dir).resolve()),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_dir(backbone: Backbone, weights: str, dataset) -> Path:
-    key = cache_key(backbone, weights, dataset.images, dataset.fingerprint())
+    key = cache_key(backbone, weights, dataset.images, dataset.fingerprint(), dataset.images_dir)
     return cache_root() / "features" / f"{dataset.name}-{backbone.name}-{key}"
 
 
-def _save_mask(path: Path, mask: np.ndarray) -> None:
+def file_stats(paths: list[Path]) -> np.ndarray:
+    """[N, 2] int64: each file's size and mtime in ns; NO_FILE for a file that cannot be stat'ed."""
+    stats = np.full((len(paths), 2), NO_FILE, dtype=np.int64)
+    for i, path in enumerate(paths):
+        stats[i] = _stat(path)
+    return stats
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return NO_FILE, NO_FILE
+    return st.st_size, st.st_mtime_ns
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
-    np.save(buf, mask)
+    np.save(buf, array)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -82,22 +126,41 @@ def _open(path: Path, meta: dict) -> FeatureCache:
     return FeatureCache(path, meta, features, done)
 
 
+def _is_started(path: Path) -> bool:
+    return all((path / name).is_file() for name in ("meta.json", "done.npy", "stats.npy", "features.npy"))
+
+
 def open_cache(backbone: Backbone, weights: str, dataset) -> FeatureCache | None:
-    """The complete cache for this backbone/weights/dataset, or None."""
+    """The complete cache for this backbone/weights/dataset, or None (files are not re-checked here)."""
     path = cache_dir(backbone, weights, dataset)
-    if not (path / "meta.json").is_file() or not (path / "done.npy").is_file():
+    if not _is_started(path):
         return None
     cache = _open(path, json.loads((path / "meta.json").read_text()))
     return cache if cache.complete else None
 
 
-def _start(path: Path, backbone: Backbone, weights: str, dataset) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Create the cache files, or reopen the ones an interrupted run left."""
+@contextmanager
+def _cache_writes(path: Path, needed_bytes: int):
+    """OS errors while writing the cache (a full disk, a read-only folder) become one clear line."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        hint = "set CAPCLI_CACHE to a writable folder"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            hint = f"free some space (the features need {needed_bytes / 2**20:.1f} MiB) or set CAPCLI_CACHE elsewhere"
+        raise CapcliError(
+            f"cannot write the feature cache in {path}: {reason}; {hint}, then rerun to resume"
+        ) from None
+
+
+def _start(path: Path, backbone: Backbone, weights: str, dataset) -> _Progress:
+    """Reopen the cache files an earlier run left, or create them."""
+    if _is_started(path):
+        meta = json.loads((path / "meta.json").read_text())
+        features = np.load(path / "features.npy", mmap_mode="r+")
+        return _Progress(meta, features, np.load(path / "stats.npy"), np.load(path / "done.npy"))
     path.mkdir(parents=True, exist_ok=True)
-    meta_path = path / "meta.json"
-    if meta_path.is_file() and (path / "done.npy").is_file() and (path / "features.npy").is_file():
-        meta = json.loads(meta_path.read_text())
-        return meta, np.load(path / "features.npy", mmap_mode="r+"), np.load(path / "done.npy")
     meta = {
         "format": FORMAT,
         "backbone": backbone.name,
@@ -107,22 +170,93 @@ def _start(path: Path, backbone: Backbone, weights: str, dataset) -> tuple[dict,
         "preprocessing": backbone.preprocessing.to_dict(),
         "dataset": dataset.name,
         "dataset_fingerprint": dataset.fingerprint(),
+        "images_dir": str(Path(dataset.images_dir).resolve()),
         "images": list(dataset.images),
         "failed": {},
     }
-    features = np.lib.format.open_memmap(
-        path / "features.npy", mode="w+", dtype=np.float16, shape=(len(meta["images"]), backbone.feature_dim)
+    n = len(meta["images"])
+    features = _create_feature_file(path / "features.npy", (n, backbone.feature_dim))
+    state = _Progress(meta, features, np.full((n, 2), NO_FILE, dtype=np.int64), np.zeros(n, dtype=bool))
+    # Order matters: data file, stats and mask, then meta; a run only trusts a folder with all of them.
+    _save_array(path / "stats.npy", state.stats)
+    _save_array(path / "done.npy", state.done)
+    atomic_write_json(path / "meta.json", meta)
+    return state
+
+
+def _create_feature_file(file: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A zeroed float16 memmap whose blocks are all reserved on disk now."""
+    try:
+        features = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
+        if hasattr(os, "posix_fallocate"):
+            # A sparse file would make a full disk a SIGBUS on the first row written through the map.
+            fd = os.open(file, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        return features
+    except OSError:
+        file.unlink(missing_ok=True)  # give the space back; without meta.json the folder is not a cache
+        raise
+
+
+def _pending_rows(path: Path, state: _Progress, paths: list[Path]) -> list[int]:
+    """Rows to (re)extract: never done, made from a file that changed since, or failed before."""
+    failed = np.zeros(len(state.done), dtype=bool)
+    row_of = {name: i for i, name in enumerate(state.meta["images"])}
+    failed[[row_of[name] for name in state.meta["failed"] if name in row_of]] = True
+    changed = state.done & ~failed & (file_stats(paths) != state.stats).any(axis=1)
+    if changed.any():
+        state.done[changed] = False  # un-vouch for them before any of their rows is rewritten
+        _save_array(path / "done.npy", state.done)
+    return np.flatnonzero(~state.done | failed).tolist()
+
+
+def _commit(path: Path, state: _Progress, rows: list[int], out: np.ndarray | None, failed, stats) -> None:
+    """Write one batch: rows (flushed), their file stats, failures, then the mask that vouches for them."""
+    if rows:
+        state.features[rows] = out
+        state.features.flush()
+    read = rows + [r for r, _ in failed]
+    if not np.array_equal(state.stats[read], stats):
+        state.stats[read] = stats
+        _save_array(path / "stats.npy", state.stats)
+    names, recorded = state.meta["images"], state.meta["failed"]
+    before = dict(recorded)
+    for row in rows:  # a retried image that now reads is no longer failed
+        recorded.pop(names[row], None)
+    recorded.update((names[row], reason) for row, reason in failed)
+    if recorded != before:
+        atomic_write_json(path / "meta.json", state.meta)
+    if not state.done[read].all():  # retrying a failure that fails again changes nothing
+        state.done[read] = True
+        _save_array(path / "done.npy", state.done)
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process reports it once and shuts the
+    # workers down; a worker must not print its own KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def image_loader(inputs, batch_size: int, workers: int, device: str, collate_fn=None):
+    """A DataLoader over `inputs` whose worker processes leave Ctrl-C to the main process."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        inputs,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_fn or _collate,
+        pin_memory=device.startswith("cuda"),
+        worker_init_fn=_ignore_sigint if workers else None,
+        persistent_workers=False,
     )
-    done = np.zeros(len(meta["images"]), dtype=bool)
-    # Order matters: data file, then mask, then meta; a run only trusts a folder with all three.
-    features.flush()
-    _save_mask(path / "done.npy", done)
-    atomic_write_json(meta_path, meta)
-    return meta, features, done
 
 
 class _ImageInputs:
-    """Map-style dataset of (row, uint8 pixels or None, error) for the DataLoader workers."""
+    """Map-style dataset of (row, uint8 pixels or None, error, file stat) for the DataLoader workers."""
 
     def __init__(self, rows: list[int], paths: list[Path], prep):
         self.rows, self.paths, self.prep = rows, paths, prep
@@ -131,20 +265,23 @@ class _ImageInputs:
         return len(self.rows)
 
     def __getitem__(self, i: int):
+        # Stat before reading: if the file changes in between, the next run sees a newer stat.
+        stat = _stat(self.paths[i])
         try:
-            return self.rows[i], load_pixels(self.paths[i], self.prep), None
+            return self.rows[i], load_pixels(self.paths[i], self.prep), None, stat
         except ImageError as exc:
-            return self.rows[i], None, str(exc)
+            return self.rows[i], None, str(exc), stat
 
 
 def _collate(items):
     import torch
 
-    ok = [(r, x) for r, x, e in items if e is None]
-    failed = [(r, e) for r, x, e in items if e is not None]
-    rows = [r for r, _ in ok]
+    ok = [(r, x) for r, x, e, _ in items if e is None]
+    failed = [(r, e) for r, x, e, _ in items if e is not None]
+    # Stats in the order _commit writes rows: the good ones, then the failed ones.
+    stats = [s for _, _, e, s in items if e is None] + [s for _, _, e, s in items if e is not None]
     batch = torch.from_numpy(np.stack([x for _, x in ok])) if ok else None
-    return rows, batch, failed
+    return [r for r, _ in ok], batch, failed, np.asarray(stats, dtype=np.int64).reshape(-1, 2)
 
 
 def resolve_device(device: str) -> str:
@@ -159,6 +296,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _check_options(batch_size: int, workers: int | None) -> None:
+    problems = []
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"--batch-size must be at least 1 (got {batch_size})")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        problems.append(f"--workers must be 0 or more (got {workers})")
+    if problems:
+        raise CapcliError("; ".join(problems))
+
+
+def _default_workers(device: str) -> int:
+    # On CPU the forward needs the cores too: leave it half of them.
+    cpus = os.cpu_count() or 1
+    return min(8, cpus) if device.startswith("cuda") else max(1, cpus // 2)
+
+
 def extract(
     backbone: Backbone,
     dataset,
@@ -170,61 +323,83 @@ def extract(
     stop_after_batches: int | None = None,
     engine: str = "torch",
 ) -> FeatureCache:
-    """Extract features for every image of `dataset`, resuming an interrupted run; returns the cache.
+    """Extract features for every image of `dataset` not validly cached yet; returns the cache.
 
-    engine: 'torch', 'onnx' (ONNX Runtime on a cached graph of the backbone) or 'auto' (ONNX Runtime on
-    CPU, PyTorch on CUDA). Both give the same features up to float16 rounding, so the cache key leaves the
-    engine out; the cache's meta records it.
+    Resumes an interrupted run, re-extracts images whose file changed since their row was made,
+    and retries images that failed before. engine: 'torch', 'onnx' (ONNX Runtime on a cached graph of
+    the backbone, see capcli.engines) or 'auto' (ONNX Runtime on CPU, PyTorch on CUDA); both give the
+    same rows up to float16 rounding, so the cache key leaves the engine out and the meta records it.
     """
-    import torch
+    from capcli.engines import record_engine, resolve_engine
 
-    from capcli.engines import default_workers, make_extractor, record_engine, resolve_engine
-
-    cached = open_cache(backbone, weights, dataset)
-    if cached is not None:
-        return cached
+    _check_options(batch_size, workers)
     device = resolve_device(device)
     engine = resolve_engine(engine, device)
     path = cache_dir(backbone, weights, dataset)
-    meta, features, done = _start(path, backbone, weights, dataset)
-    if record_engine(meta, engine):
-        atomic_write_json(path / "meta.json", meta)
-    pending = [i for i in range(len(meta["images"])) if not done[i]]
-    extractor = make_extractor(backbone, weights, engine, device)
-    paths = [dataset.image_path(meta["images"][i]) for i in pending]
-    if workers is None:
-        workers = default_workers(engine, device)
-    loader = torch.utils.data.DataLoader(
-        _ImageInputs(pending, paths, backbone.preprocessing),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.startswith("cuda"),
-        persistent_workers=False,
-    )
+    paths = [dataset.image_path(name) for name in dataset.images]
+    needed = len(paths) * backbone.feature_dim * 2
+    with _cache_writes(path, needed):
+        state = _start(path, backbone, weights, dataset)
+        pending = _pending_rows(path, state, paths)
+        if pending and record_engine(state.meta, engine):
+            atomic_write_json(path / "meta.json", state.meta)
+    if pending:
+        if workers is None:
+            workers = _default_workers(device)
+        if len(pending) <= batch_size:
+            workers = 0  # one batch: starting worker processes would cost more than it hides
+        _extract_rows(backbone, weights, path, state, pending, paths, batch_size, workers, device,
+                      show_progress, stop_after_batches, engine)
+    meta = state.meta
+    del state
+    return _open(path, meta)
+
+
+def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, workers, device,
+                  show_progress, stop_after_batches, engine) -> None:
     from capcli.console import progress
 
+    loader = image_loader(_ImageInputs(pending, [paths[i] for i in pending], backbone.preprocessing),
+                          batch_size, workers, device)
+    # Built now, so a weights problem shows before any image is read; but when only failed images
+    # are retried, only once one of them reads (usually none does, and no model is needed).
+    retry_only = all(state.meta["images"][row] in state.meta["failed"] for row in pending)
+    model = None if retry_only else _build(backbone, weights, device, engine)
+    n_images, needed = len(state.done), state.features.size * 2
     with progress(transient=not show_progress) as bar:
-        task = bar.add_task(f"features {backbone.name} ({engine})", total=len(meta["images"]), info="")
-        bar.update(task, completed=len(meta["images"]) - len(pending))
+        task = bar.add_task(f"features {backbone.name} ({engine})", total=n_images, info="")
+        bar.update(task, completed=n_images - len(pending))
         start, seen = time.perf_counter(), 0
-        for n_batch, (rows, batch, failed) in enumerate(loader):
+        for n_batch, (rows, batch, failed, stats) in enumerate(loader):
+            out = None
             if batch is not None:
-                features[rows] = extractor(batch).astype(np.float16)
-                features.flush()
-            for row, reason in failed:
-                meta["failed"][meta["images"][row]] = reason
-            if failed:
-                atomic_write_json(path / "meta.json", meta)
-            done[rows + [r for r, _ in failed]] = True
-            _save_mask(path / "done.npy", done)
+                if model is None:
+                    model = _build_or_clear(bar, backbone, weights, device, engine)
+                out = model(batch).astype(np.float16)
+            with _cache_writes(path, needed):
+                _commit(path, state, rows, out, failed, stats)
             seen += len(rows) + len(failed)
             rate = seen / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=len(rows) + len(failed), info=f"{rate:.1f} img/s")
             if stop_after_batches is not None and n_batch + 1 >= stop_after_batches:
                 break
-    del features
-    return _open(path, meta)
+
+
+def _build(backbone: Backbone, weights: str, device: str, engine: str):
+    """The extractor: uint8 pixel batch -> float32 features, in PyTorch or ONNX Runtime."""
+    from capcli.engines import make_extractor
+
+    return make_extractor(backbone, weights, engine, device)
+
+
+def _build_or_clear(bar, backbone: Backbone, weights: str, device: str, engine: str):
+    """The model, built under a progress bar: a build error (offline weights, bad file) clears the bar
+    first, so the user sees one line."""
+    try:
+        return _build(backbone, weights, device, engine)
+    except BaseException:
+        bar.live.transient = True
+        raise
 
 
 def load_features(backbone: Backbone, weights: str, dataset) -> FeatureCache:

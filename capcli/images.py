@@ -18,6 +18,10 @@ from capcli.errors import CapcliError
 # Pillow's own default (about 89 megapixels); above twice that Pillow raises, between it warns:
 # we refuse both, since a caption never needs more than a few megapixels.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Decoding is not the only cost: the shorter side is resized to the backbone's size (~256), so the
+# resized image has about 256 x 256 x (long side / short side) pixels. A 441-byte 60000x2 PNG would
+# become 7.7M x 256 (6 GB). Panoramas stay well under this ratio; strips beyond it are refused.
+MAX_ASPECT_RATIO = 50
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -44,6 +48,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_size(width: int, height: int) -> None:
+    """Refuse, before any pixel is decoded or resized, an image too costly to decode or to resize."""
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"image too large ({width}x{height}), refused as a decompression bomb")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(
+            f"image too elongated ({width}x{height}, more than {MAX_ASPECT_RATIO}:1): resizing its shorter "
+            "side would take too much memory; refused as a decompression bomb"
+        )
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image file as 8-bit RGB, upright per its EXIF orientation; ImageError if unusable."""
     path = Path(path)
@@ -55,15 +72,14 @@ def load_rgb(path: str | Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(
-                        f"{path}: image too large ({img.width}x{img.height}), refused as a decompression bomb"
-                    )
+                check_size(img.width, img.height)
                 img.load()
                 img = ImageOps.exif_transpose(img) or img
                 return _to_rgb(img)
-    except ImageError:
-        raise
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+    except MemoryError:
+        raise ImageError(f"{path}: not enough memory to decode this image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{path}: image too large, refused as a decompression bomb") from None
     except OSError as exc:
@@ -79,13 +95,18 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 
 
 def to_pixels(img: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Resize the shorter side and centre-crop: uint8 [S, S, 3], the pixels before normalisation."""
+    """Resize the shorter side and centre-crop: uint8 [S, S, 3], the pixels before normalisation;
+    ImageError if too costly."""
     w, h = img.size
+    check_size(w, h)
     scale = prep.resize / min(w, h)
     new_w, new_h = max(prep.input_size, round(w * scale)), max(prep.input_size, round(h * scale))
-    img = img.resize((new_w, new_h), _RESAMPLE[prep.interpolation])
-    left, top = (new_w - prep.input_size) // 2, (new_h - prep.input_size) // 2
-    return np.asarray(img.crop((left, top, left + prep.input_size, top + prep.input_size)))
+    try:
+        img = img.resize((new_w, new_h), _RESAMPLE[prep.interpolation])
+        left, top = (new_w - prep.input_size) // 2, (new_h - prep.input_size) // 2
+        return np.asarray(img.crop((left, top, left + prep.input_size, top + prep.input_size)))
+    except MemoryError:
+        raise ImageError(f"not enough memory to resize this {w}x{h} image to {new_w}x{new_h}") from None
 
 
 def normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -96,17 +117,23 @@ def normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 
 def to_input(img: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Resize the shorter side, centre-crop and normalise: float32 [3, S, S]."""
+    """Resize the shorter side, centre-crop and normalise: float32 [3, S, S]; ImageError if too costly."""
     return normalise(to_pixels(img, prep), prep)
 
 
 def load_input(path: str | Path, prep: Preprocessing) -> np.ndarray:
-    return to_input(load_rgb(path), prep)
+    """An image file as backbone input; every way it can be unusable is an ImageError naming it."""
+    return normalise(load_pixels(path, prep), prep)
 
 
 def load_pixels(path: str | Path, prep: Preprocessing) -> np.ndarray:
-    """An image file resized and centre-cropped, not yet normalised: uint8 [S, S, 3]."""
-    return to_pixels(load_rgb(path), prep)
+    """An image file resized and centre-cropped, not yet normalised: uint8 [S, S, 3]; an ImageError naming it
+    when unusable."""
+    img = load_rgb(path)
+    try:
+        return to_pixels(img, prep)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
 
 
 def expand_image_args(args: list[str]) -> tuple[list[Path], list[str]]:

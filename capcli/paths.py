@@ -1,4 +1,9 @@
-"""Where capcli keeps its caches, and atomic file writes."""
+"""Where capcli keeps its caches, where user paths become output files, and atomic file writes.
+
+Every file capcli writes goes through `atomic_write_bytes` (temp file beside, fsync, rename) and every
+path a user names for output is checked here first, so both rules live in one place: outputs get the
+permissions the user's umask asks for, and an unusable output path is one clear error before any work.
+"""
 
 from __future__ import annotations
 
@@ -8,33 +13,149 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from capcli.errors import CapcliError
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode open() would give a new file: 0o666 less the umask (mkstemp would give 0o600)."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode mkdir() would give a new folder: 0o777 less the umask (mkdtemp would give 0o700)."""
+    return 0o777 & ~current_umask()
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError as one readable phrase: 'No space left on device', 'Read-only file system', ..."""
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(".")
+
+
+def _check_can_create(path: Path, what: str) -> None:
+    """`path` does not exist yet: its nearest existing ancestor must be a folder we may write in."""
+    ancestor = _nearest_existing(path.parent)
+    if not ancestor.is_dir():
+        raise CapcliError(f"{what} '{path}' cannot be created: '{ancestor}' is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CapcliError(f"{what} '{path}' cannot be created: folder '{ancestor}' is not writable")
+
+
+def output_file(path: str | Path, what: str = "--out") -> Path:
+    """A user-named path that will become a file: checked before any work, so a bad one costs nothing.
+
+    It must not be a folder, and the folder it goes in must exist as a writable folder or be creatable.
+    """
+    if not str(path).strip():
+        raise CapcliError(f"{what}: empty path")
+    path = Path(path)
+    if path.is_dir():
+        raise CapcliError(f"{what} '{path}' is a folder; name a file")
+    if path.exists() or path.is_symlink():
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise CapcliError(f"{what} '{path}' cannot be replaced: folder '{path.parent}' is not writable")
+        return path
+    _check_can_create(path, what)
+    return path
+
+
+def output_folder(path: str | Path, what: str = "--out") -> Path:
+    """A user-named path that will become (or is) a folder capcli writes files in."""
+    if not str(path).strip():
+        raise CapcliError(f"{what}: empty path")
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise CapcliError(f"{what} '{path}' is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CapcliError(f"{what} folder '{path}' is not writable")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise CapcliError(f"{what} '{path}' cannot be replaced: folder '{path.parent}' is not writable")
+        return path
+    _check_can_create(path, what)
+    return path
+
+
+def make_folder(path: str | Path, what: str = "folder") -> Path:
+    """mkdir -p with one clear line when it cannot be done (a file in the way, read-only, disk full)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CapcliError(f"{what} '{path}' is a file, not a folder") from None
+    except OSError as exc:
+        raise CapcliError(f"cannot create {what} '{path}': {describe_os_error(exc)}") from None
+    return path
+
+
+def make_temp_folder(parent: str | Path, prefix: str, suffix: str = ".tmp") -> Path:
+    """A fresh folder in `parent` that may later become a user's folder: it gets the umask's permissions."""
+    parent = make_folder(parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+        os.chmod(tmp, folder_mode())
+    except OSError as exc:
+        raise CapcliError(f"cannot create a folder in '{parent}': {describe_os_error(exc)}") from None
+    return tmp
+
 
 def cache_root() -> Path:
     """The cache folder: $CAPCLI_CACHE, else ~/.cache/capcli."""
     root = os.environ.get("CAPCLI_CACHE")
     path = Path(root) if root else Path.home() / ".cache" / "capcli"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_folder(path, "cache folder (CAPCLI_CACHE)" if root else "cache folder")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    """Write to a temporary file beside `path`, fsync, then rename over it.
+
+    The file gets the permissions a plain open() would give (umask honoured); a failure (disk full,
+    read-only folder) is one CapcliError and leaves any earlier file at `path` untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    make_folder(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise CapcliError(f"cannot write '{path}': {describe_os_error(exc)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CapcliError(f"cannot write '{path}': {describe_os_error(exc)}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # Names that are not valid UTF-8 arrive as lone surrogates; written as \udcXX rather than crashing.
+    atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -106,11 +107,13 @@ def _thumbnail_html(image: str) -> str:
 def _thumbnail(image: str) -> str | None:
     """A base64 JPEG at most THUMBNAIL_PX on a side, or None when the image cannot be read."""
     try:
-        with Image.open(image) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=85)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not decoded with a warning
+            with Image.open(image) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=85)
     except Exception:  # a report must never fail on one bad file: missing, truncated, not an image, too big
         return None
     return base64.b64encode(buf.getvalue()).decode("ascii")

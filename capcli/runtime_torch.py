@@ -30,6 +30,7 @@ class TorchCaptioner:
     """Encoder (backbone + state init) and step in PyTorch, sharing the Captioner interface with ONNX."""
 
     runtime = "torch"
+    state_batch_axes = (1, 1)  # h and c are [layers, batch, hidden]
 
     def __init__(self, source: str | Path, device: str = "cpu", weights: str | None = None):
         from capcli.data.text import Vocabulary
@@ -56,20 +57,30 @@ class TorchCaptioner:
 
 
 def _checkpoint_of(source: str | Path) -> Path:
-    """A run dir, a checkpoint, or a bundle whose capcli.json names its source checkpoint."""
-    import json
+    """A run dir, a checkpoint, or a bundle whose capcli.json names its source checkpoint.
+
+    For a bundle, the checkpoint must be the very file it was exported from (source_checkpoint_sha256):
+    a run trained further (or another run in the same place) would caption differently from the bundle.
+    """
+    from capcli import bundle
+    from capcli.errors import CapcliError
 
     source = Path(source)
-    manifest = source / "capcli.json"
-    if manifest.is_file():
-        meta = json.loads(manifest.read_text())
-        src = meta.get("source_checkpoint")
-        candidates = [Path(src)] if src else []
-        candidates.append(source / "checkpoint.pt")
-        for cand in candidates:
-            if cand.is_file():
-                return cand
-        from capcli.errors import CapcliError
-
+    if not (source / bundle.MANIFEST).is_file():
+        return checkpoint.resolve(source)
+    meta = bundle.read_manifest(source, verify=False)
+    expected = meta.get("source_checkpoint_sha256")
+    if expected is None:
+        raise CapcliError(f"bundle '{source}': capcli.json has no 'source_checkpoint_sha256', so its source "
+                          "checkpoint cannot be verified; use --runtime onnx or give the run dir")
+    src = meta.get("source_checkpoint")
+    candidates = [Path(src)] if src else []
+    candidates.append(source / "checkpoint.pt")
+    found = [cand for cand in candidates if cand.is_file()]
+    if not found:
         raise CapcliError(f"bundle '{source}' has no source checkpoint here; use --runtime onnx or give the run dir")
-    return checkpoint.resolve(source)
+    for cand in found:
+        if bundle.sha256_file(cand) == expected:
+            return cand
+    raise CapcliError(f"bundle '{source}': {found[0]} is not the checkpoint the bundle was exported from "
+                      "(sha256 differs: trained further since?); export again, or use --runtime onnx")

@@ -20,7 +20,9 @@ def print_training(run_dir) -> None:
                       "best" if h.get("best") else "")
     out.print(table)
     best = min(history, key=lambda h: h["val_loss"])
-    out.print(f"best epoch {best['epoch']} (val loss {best['val_loss']:.3f}): its weights are {run_dir / 'best.pt'}")
+    best_pt = run_dir / "best.pt"
+    if best_pt.is_file():  # a run stopped early may have none
+        out.print(f"best epoch {best['epoch']} (val loss {best['val_loss']:.3f}): its weights are {best_pt}")
 
 
 def print_scores(report: dict) -> None:

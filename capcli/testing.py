@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from capcli.backbone import Backbone
+from capcli.backbone import Backbone, Grid
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +37,10 @@ def check_backbone(
     - a float batch [B,3,S,S] gives features [B, feature_dim], float32, finite, input-dependent;
     - batch independence: each sample's features alone equal its row in the batch (within atol,
       relative to the features' scale);
-    - eval determinism: two runs on the same batch agree; the forward runs without autograd.
+    - eval determinism: two runs on the same batch agree; the forward runs without autograd;
+    - when the backbone declares a grid: `build_grid(weights)` passes the same checks with a grid
+      [B, C, H, W] as output; C is the declared channels, and at the backbone's input_size H x W is
+      the declared grid (at another size only H, W >= 1 is checked).
 
     `image_size` defaults to the backbone's input_size. A smaller one keeps tests fast where the
     architecture allows it (global pooling makes the feature size independent of S); it must be
@@ -46,13 +49,35 @@ def check_backbone(
     check_metadata(backbone)
     _require(batch_size >= 1, backbone, f"batch_size must be >= 1, got {batch_size}")
     size = image_size if image_size is not None else backbone.input_size
-    module = _check_build(backbone, weights)
     batch = _random_batch(batch_size, size)
+    module = _check_build(backbone, backbone.build, weights)
     features = _forward(module, batch, backbone)
     _check_features(features, backbone, batch_size)
-    _check_batch_independence(module, batch, features, backbone, atol)
+    _check_repeatable(module, batch, features, backbone, atol)
+    if backbone.grid is not None:
+        check_grid(backbone, weights, batch_size, size, atol)
+
+
+def check_grid(
+    backbone: Backbone, weights: str = "none", batch_size: int = 2, image_size: int | None = None, atol: float = 1e-4
+) -> None:
+    """The grid part of the contract alone (see `check_backbone`)."""
+    _check_grid_metadata(backbone)
+    _require(backbone.grid is not None, backbone, "declares no grid")
+    size = image_size if image_size is not None else backbone.input_size
+    batch = _random_batch(batch_size, size)
+    module = _check_build(backbone, backbone.build_grid, weights)
+    grid = _forward(module, batch, backbone)
+    _check_grid(grid, backbone, batch_size, exact=size == backbone.input_size)
+    _check_repeatable(module, batch, grid, backbone, atol)
+
+
+def _check_repeatable(
+    module: torch.nn.Module, batch: torch.Tensor, out: torch.Tensor, backbone: Backbone, atol: float
+) -> None:
+    _check_batch_independence(module, batch, out, backbone, atol)
     again = _forward(module, batch, backbone)
-    _require(_close(again, features, atol), backbone, f"two eval runs differ ({_max_diff(again, features)})")
+    _require(_close(again, out, atol), backbone, f"two eval runs differ ({_max_diff(again, out)})")
 
 
 def check_metadata(backbone: Backbone) -> None:
@@ -67,6 +92,19 @@ def check_metadata(backbone: Backbone) -> None:
     _require(isinstance(backbone.weights_source, str), backbone, "weights_source must be a str")
     _require(isinstance(backbone.description, str), backbone, "description must be a str")
     _check_preprocessing(backbone)
+    _check_grid_metadata(backbone)
+
+
+def _check_grid_metadata(backbone: Backbone) -> None:
+    grid, builder = backbone.grid, backbone.grid_builder
+    _require((grid is None) == (builder is None), backbone, "grid and grid_builder must be given together")
+    if grid is None:
+        return
+    _require(isinstance(grid, Grid), backbone, f"grid is a {type(grid).__name__}, not a capcli.backbone.Grid")
+    for name in ("channels", "height", "width"):
+        value = getattr(grid, name)
+        _require(isinstance(value, int) and value > 0, backbone, f"grid {name} must be an int > 0, got {value!r}")
+    _require(callable(builder), backbone, "grid_builder is not callable")
 
 
 def _check_preprocessing(backbone: Backbone) -> None:
@@ -95,13 +133,14 @@ def _check_preprocessing(backbone: Backbone) -> None:
     )
 
 
-def _check_build(backbone: Backbone, weights: str) -> torch.nn.Module:
+def _check_build(backbone: Backbone, build, weights: str) -> torch.nn.Module:
     from torch import nn
 
-    module = backbone.build(weights)
-    _require(isinstance(module, nn.Module), backbone, f"build() gave {type(module).__name__}, not nn.Module")
+    what = f"{build.__name__}()"
+    module = build(weights)
+    _require(isinstance(module, nn.Module), backbone, f"{what} gave {type(module).__name__}, not nn.Module")
     training = [name or "<root>" for name, m in module.named_modules() if m.training]
-    _require(not training, backbone, f"build() must return eval mode; training: {training[:5]}")
+    _require(not training, backbone, f"{what} must return eval mode; training: {training[:5]}")
     return module
 
 
@@ -139,6 +178,25 @@ def _check_features(features: torch.Tensor, backbone: Backbone, batch_size: int)
     _require(not features.requires_grad, backbone, "features require grad")
     if batch_size >= 2:
         _require(not torch.equal(features[0], features[1]), backbone, "features do not depend on the input")
+
+
+def _check_grid(grid: torch.Tensor, backbone: Backbone, batch_size: int, exact: bool) -> None:
+    import torch
+
+    declared = backbone.grid
+    assert declared is not None
+    shape = tuple(grid.shape)
+    _require(len(shape) == 4, backbone, f"grid {shape}, expected 4 dims [B, C, H, W]")
+    _require(shape[:2] == (batch_size, declared.channels), backbone,
+             f"grid {shape}, expected [{batch_size}, {declared.channels}, H, W] (declared grid {declared})")
+    if exact:
+        expected = (batch_size, declared.channels, declared.height, declared.width)
+        _require(shape == expected, backbone, f"grid {shape} at the input size, declared {expected}")
+    _require(shape[2] >= 1 and shape[3] >= 1, backbone, f"grid {shape} has no positions")
+    _require(grid.dtype == torch.float32, backbone, f"grid is {grid.dtype}, expected float32")
+    _require(bool(torch.isfinite(grid).all()), backbone, "grid contains NaN or inf")
+    if batch_size >= 2:
+        _require(not torch.equal(grid[0], grid[1]), backbone, "grid does not depend on the input")
 
 
 def _check_batch_independence(

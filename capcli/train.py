@@ -54,6 +54,15 @@ class TrainConfig:
     feature_batch_size: int = 32
     resume: bool = False
     extra: dict = field(default_factory=dict)
+    # Names of the options the user set explicitly (the CLI fills it); None: those not at their default.
+    # `--resume` refuses an explicitly given option that conflicts with the run's own.
+    given: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        """CapcliError naming every bad option in one line (the one validator of training options)."""
+        from capcli.train_options import validate
+
+        validate(self)
 
 
 @dataclass
@@ -78,11 +87,24 @@ def encode_split(ds, split: str, vocab, cache, max_len: int) -> CaptionTable:
             rows.append(row_of[image])
             seqs.append(vocab.encode(caption, max_len=max_len))
     if not seqs:
-        raise CapcliError(f"the {split} split has no usable captions")
+        raise CapcliError(no_usable_captions(ds, split, cache))
     tokens = torch.full((len(seqs), max(map(len, seqs))), vocab.pad_id, dtype=torch.long)
     for i, seq in enumerate(seqs):
         tokens[i, : len(seq)] = torch.tensor(seq)
     return CaptionTable(torch.tensor(rows), tokens, images, refs)
+
+
+def no_usable_captions(ds, split: str, cache) -> str:
+    """Why a split has nothing to train or validate on, and what to do about it."""
+    names = ds.splits[split]
+    if not names:
+        return f"the {split} split has no images: the dataset is too small or its split lists leave it empty"
+    reason = cache.failed.get(names[0], f"{names[0]}: not in the feature cache")
+    return (
+        f"the {split} split has no usable captions: none of its {len(names)} images could be read "
+        f"(first: {reason}); images are read from {ds.images_dir}: put them there or pass --images DIR "
+        "(capcli data info lists the missing ones), then rerun: failed images are retried"
+    )
 
 
 # --- distributed -----------------------------------------------------------------------------
@@ -152,6 +174,7 @@ def trim(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 def run_epoch(model, table, feats, opt, cfg, epoch, rank, world, device, bar, task) -> dict:
+    """One pass over this rank's shuffled captions; a single process stops at a non-finite loss."""
     model.train()
     amp = device.startswith("cuda")
     pad = model.module.cfg.pad_id if hasattr(model, "module") else model.cfg.pad_id
@@ -167,10 +190,13 @@ def run_epoch(model, table, feats, opt, cfg, epoch, rank, world, device, bar, ta
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
         opt.step()
-        total_loss += loss.item() * n_tokens
+        value = loss.item()
+        total_loss += value * n_tokens
         total_tokens += n_tokens
         rate = total_tokens * world / (time.perf_counter() - start)
-        bar.update(task, advance=1, info=f"loss {loss.item():.3f}  {rate:,.0f} tok/s")
+        bar.update(task, advance=1, info=f"loss {value:.3f}  {rate:,.0f} tok/s")
+        if not math.isfinite(value) and world == 1:
+            break  # the epoch's loss is now not finite and the run stops; DDP ranks decide together
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(total_tokens, 1), "tokens_per_s": total_tokens * world / seconds,
             "epoch_seconds": seconds}
@@ -208,29 +234,83 @@ def generated_scores(decoder, table, feats, cache, vocab, sample: int, device) -
 # --- the run ---------------------------------------------------------------------------------
 
 
+def gather_rng_states(world: int) -> list[dict]:
+    """Every rank's random number generator states, in rank order (saved with each checkpoint)."""
+    state = checkpoint.rng_state()
+    if world == 1:
+        return [state]
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def restore_rng_states(ckpt: dict, rank: int, world: int) -> None:
+    states = ckpt.get("rng")
+    if isinstance(states, list) and len(states) == world:
+        checkpoint.restore_rng_state(states[rank])
+    elif rank == 0:
+        err.print("note: the checkpoint has no random-number state for this many processes, so the resumed "
+                  "run will not exactly repeat an uninterrupted one")
+
+
+def check_finite(loss: float, what: str, epoch: int, cfg: TrainConfig, out: Path) -> None:
+    """Stop a run whose loss is NaN or infinite: its weights are no longer numbers."""
+    if math.isfinite(loss):
+        return
+    kept = (f"{out / 'best.pt'} keeps the best epoch before it" if (out / "best.pt").is_file()
+            else "no checkpoint was written")
+    raise CapcliError(
+        f"training stopped in epoch {epoch + 1}: the {what} loss is {loss} (not finite); the learning rate "
+        f"{cfg.lr:g} is probably too high: lower --lr and start again with another --out; {kept}"
+    )
+
+
 def lr_factor(cfg: TrainConfig):
     return lambda epoch: 1.0 if epoch < cfg.lr_keep_epochs else cfg.lr_decay ** (epoch - cfg.lr_keep_epochs + 1)
 
 
+def run_dir(cfg: TrainConfig) -> Path:
+    if not cfg.out and not cfg.backbone:
+        raise CapcliError("give --out RUN_DIR (or --backbone, for runs/BACKBONE)")
+    return Path(cfg.out or f"runs/{cfg.backbone}")
+
+
+def checkpoint_to_resume(cfg: TrainConfig) -> dict:
+    out = run_dir(cfg)
+    if not (out / "last.pt").is_file():
+        raise CapcliError(f"nothing to resume in '{out}' (no last.pt)")
+    return checkpoint.load(out / "last.pt")
+
+
 def prepare_run_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out or f"runs/{cfg.backbone}")
+    out = run_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise CapcliError(f"'{out}' exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not cfg.resume:
         if (out / "last.pt").exists():
             raise CapcliError(f"run directory '{out}' already holds a run; use --resume or another --out")
         raise CapcliError(f"'{out}' exists and is not empty; choose another --out")
     if cfg.resume and not (out / "last.pt").exists():
         raise CapcliError(f"nothing to resume in '{out}' (no last.pt)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CapcliError(f"cannot create the run directory '{out}': {exc.strerror or type(exc).__name__}") from None
     return out
 
 
 def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     """Train a decoder; returns the run directory (best.pt, last.pt, vocab.json, metrics, curves)."""
     from capcli.data.readers import load_dataset
-    from capcli.data.text import build_vocabulary
+    from capcli.data.text import build_vocabulary, check_coverage
     from capcli.features import extract, load_features, resolve_device
     from capcli.registry import get_backbone
+    from capcli.train_options import settings_for_resume
 
+    resume_ckpt = checkpoint_to_resume(cfg) if cfg.resume else None
+    if resume_ckpt is not None:
+        cfg = settings_for_resume(cfg, resume_ckpt.get("train_config", {}))
+    cfg.validate()
     device = resolve_device(cfg.device)
     rank, world = setup_distributed(device)
     if world > 1 and device.startswith("cuda"):
@@ -239,7 +319,13 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
     backbone = get_backbone(cfg.backbone)
     ds = load_dataset(cfg.dataset, images=cfg.images, seed=cfg.seed)
-    out = prepare_run_dir(cfg) if rank == 0 else Path(cfg.out or f"runs/{cfg.backbone}")
+    for note in ds.notes if rank == 0 else []:
+        err.print(f"note: {note}", markup=False)
+    check_coverage(ds, cfg.threshold)
+    vocab = build_vocabulary(ds, cfg.threshold)
+    if resume_ckpt is not None:
+        checkpoint.check_matches(resume_ckpt, backbone.name, backbone.feature_dim, vocab.sha256)
+    out = prepare_run_dir(cfg) if rank == 0 else run_dir(cfg)
 
     if rank == 0:  # features are extracted once, by one process
         extract(backbone, ds, cfg.weights, cfg.feature_batch_size, cfg.workers, device, show_progress,
@@ -254,10 +340,6 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         # index batches there, so no host-to-device copy sits in the training loop.
         feats = feats.to(device)
 
-    resume_ckpt = checkpoint.load(out / "last.pt") if cfg.resume else None
-    vocab = build_vocabulary(ds, cfg.threshold)
-    if resume_ckpt is not None:
-        checkpoint.check_matches(resume_ckpt, backbone.name, backbone.feature_dim, vocab.sha256)
     train_table = encode_split(ds, "train", vocab, cache, cfg.max_len)
     val_table = encode_split(ds, "val", vocab, cache, cfg.max_len)
 
@@ -286,7 +368,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         atomic_write_json(out / "config.json", {"train": asdict(cfg), "model": model_cfg.to_dict(),
                                                   "world_size": world, "features": str(cache.path)})
 
-    def payload(epoch: int) -> dict:
+    def payload(epoch: int, rng: list[dict]) -> dict:
         return {
             "config": model_cfg.to_dict(), "model": decoder.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "epoch": epoch, "best_val_loss": best_loss, "stale": stale,
@@ -294,16 +376,23 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             "backbone": backbone.name, "weights": cfg.weights, "feature_dim": backbone.feature_dim,
             "preprocessing": backbone.preprocessing.to_dict(), "max_len": cfg.max_len,
             "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(), "train_config": asdict(cfg),
+            "rng": rng,
         }
+
+    if resume_ckpt is not None:  # last, after everything that draws random numbers while setting up
+        restore_rng_states(resume_ckpt, rank, world)
 
     with progress(transient=not show_progress) as bar:
         task = bar.add_task("train", total=1, info="")
         for epoch in range(start_epoch, cfg.epochs):
             bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs}")
             stats = run_epoch(model, train_table, feats, opt, cfg, epoch, rank, world, device, bar, task)
+            check_finite(mean_over_ranks(stats["train_loss"], world, device), "training", epoch, cfg, out)
             stats.update(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
             sched.step()
             stats["val_loss"] = mean_over_ranks(validation_loss(decoder, val_table, feats, device), world, device)
+            check_finite(stats["val_loss"], "validation", epoch, cfg, out)
+            rng = gather_rng_states(world)  # as the next epoch will find them
             stats["param_checksums"] = all_equal_checksums(decoder, world)
             if len(set(stats["param_checksums"])) != 1:
                 raise CapcliError(f"distributed ranks disagree on weights at epoch {epoch + 1}")
@@ -314,8 +403,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
                 stats["best"] = improved
                 history.append(stats)
                 if improved:
-                    checkpoint.save(out / "best.pt", payload(epoch))
-                checkpoint.save(out / "last.pt", payload(epoch))
+                    checkpoint.save(out / "best.pt", payload(epoch, rng))
+                checkpoint.save(out / "last.pt", payload(epoch, rng))
                 write_metrics(out, history)
                 print_epoch(stats)
             if stale >= cfg.patience:

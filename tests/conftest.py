@@ -43,3 +43,11 @@ def tiny_run(tmp_path_factory, small_synthetic) -> Path:
         workers=0,
     )
     return train(cfg, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def exported_tiny(tmp_path_factory, tiny_run) -> Path:
+    """The tiny run exported to an ONNX bundle, shared by the serving and install tests."""
+    from capcli.export import export
+
+    return export(tiny_run, tmp_path_factory.mktemp("bundles") / "tiny")

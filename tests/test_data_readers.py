@@ -321,3 +321,40 @@ def test_dataset_info_counts_missing_and_unreadable(tmp_path: Path):
     json.dumps(info)  # JSON-ready
     quick = dataset_info(ds, check_images=False)
     assert quick["unreadable_images"] == [] and len(quick["missing_images"]) == 16
+
+
+# --- issue 9, item 11: a stray quote in captions.txt is reported with its line, rows are not merged -----
+
+
+def test_item11_stray_quote_is_reported_and_does_not_merge_rows(tmp_path: Path):
+    folder = tmp_path / "kaggle"
+    (folder / "Images").mkdir(parents=True)
+    (folder / "captions.txt").write_text(
+        "image,caption\n"
+        "a.jpg,A dog runs .\n"
+        'a.jpg,"A dog, brown, runs on grass .\n'  # line 3: the quote never closes
+        "b.jpg,A cat sleeps .\n"
+        'b.jpg,"A cat, grey, on a sofa ."\n'  # a properly quoted caption with commas
+        "c.jpg,A bird flies .\n",
+        encoding="utf-8",
+    )
+    ds = load_dataset(str(folder))
+    assert set(ds.captions) == {"a.jpg", "b.jpg", "c.jpg"}
+    assert ds.captions["a.jpg"] == ["A dog runs .", "A dog, brown, runs on grass ."]
+    assert ds.captions["b.jpg"] == ["A cat sleeps .", "A cat, grey, on a sofa ."]
+    notes = [note for note in ds.notes if "unbalanced quote" in note]
+    assert len(notes) == 1 and "captions.txt" in notes[0] and "line(s) 3;" in notes[0]
+
+
+def test_item11_stray_quote_note_is_shown_by_data_info(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    folder = tmp_path / "kaggle"
+    (folder / "Images").mkdir(parents=True)
+    rows = "".join(f"img{i}.jpg,caption number {i}\n" for i in range(12))
+    (folder / "captions.txt").write_text('image,caption\n' + rows + 'img3.jpg,"oops\n', encoding="utf-8")
+    result = CliRunner().invoke(app, ["data", "info", str(folder), "--no-check-images"])
+    assert result.exit_code == 0, result.output
+    assert "unbalanced quote" in result.stdout and "line(s) 14;" in result.stdout

@@ -341,3 +341,129 @@ def test_argument_validation() -> None:
         beam_search(step, images(0), START, 0, beam_size=0)
     with pytest.raises(ValueError, match="max_len"):
         greedy(step, images(0), START, 0, max_len=0)
+
+
+# --- per-image context (the attention decoder's grid and projection) --------------------------------------
+
+
+class ContextOracle:
+    """OracleStep for a context step: the image id comes from per-image context arrays (batch on axis 0),
+    the state holds only the fed tokens, and the attention weights are a known function of (image, prefix).
+
+    Both context arrays carry the image id at every position, so a row whose context was expanded or
+    re-indexed wrongly reads another image's distribution (or trips the consistency assert).
+    """
+
+    def __init__(self, dist: Dist, positions: int = 5):
+        self.dist, self.positions, self.calls = dist, positions, 0
+
+    def context(self, *ids: int) -> tuple[np.ndarray, np.ndarray]:
+        ids_ = np.array(ids, dtype=np.float32)
+        return np.repeat(ids_[:, None, None], self.positions, 1), np.repeat(ids_[:, None, None], self.positions, 1)
+
+    @staticmethod
+    def state(n: int) -> State:
+        return (np.zeros((0, n), dtype=np.int64),)
+
+    def alpha(self, image: int, prefix: tuple[int, ...]) -> np.ndarray:
+        rng = np.random.default_rng([77, image, len(prefix), *prefix])
+        return np.exp(log_softmax(rng.normal(size=self.positions)))
+
+    def __call__(self, tokens: np.ndarray, state: State, context: tuple[np.ndarray, ...]):
+        grid, projection = context
+        assert grid.shape[0] == projection.shape[0] == len(tokens) == state[0].shape[1]
+        assert np.array_equal(grid, projection)
+        self.calls += 1
+        history = np.vstack([state[0], tokens[None, :]])
+        ids = [int(grid[i, 0, 0]) for i in range(len(tokens))]
+        prefixes = [tuple(int(t) for t in history[1:, i]) for i in range(len(tokens))]
+        log_probs = np.stack([self.dist(im, pre) for im, pre in zip(ids, prefixes, strict=True)])
+        alphas = np.stack([self.alpha(im, pre) for im, pre in zip(ids, prefixes, strict=True)])
+        return log_probs.astype(np.float32), (history,), alphas.astype(np.float32)
+
+
+def assert_attention_follows_path(step: ContextOracle, image: int, hyp: Hypothesis) -> None:
+    assert hyp.attention is not None and hyp.attention.shape == (len(hyp.tokens), step.positions)
+    for t in range(len(hyp.tokens)):
+        assert np.allclose(hyp.attention[t], step.alpha(image, tuple(hyp.tokens[:t])), atol=1e-6)
+
+
+def test_context_beam_width_one_is_greedy() -> None:
+    step = ContextOracle(random_dist(vocab=5, seed=3))
+    ids = (0, 1, 2, 3)
+    g = greedy(step, step.state(4), START, 0, max_len=8, context=step.context(*ids))
+    b = beam_search(step, step.state(4), START, 0, beam_size=1, max_len=8, context=step.context(*ids))
+    assert [h.tokens for h in g] == [hs[0].tokens for hs in b]
+    assert [h.log_prob for h in g] == pytest.approx([hs[0].log_prob for hs in b])
+    for image, (h, hs) in enumerate(zip(g, b, strict=True)):
+        assert np.array_equal(h.attention, hs[0].attention)
+        assert_attention_follows_path(step, image, h)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_context_beam_equals_exhaustive_search_on_a_tiny_vocabulary(alpha: float) -> None:
+    vocab, end, max_len = 3, 2, 4
+    dist = random_dist(vocab, seed=13, scale=1.5)
+    step = ContextOracle(dist)
+    wide = vocab**max_len
+    n_all = len(exhaustive(dist, 0, vocab, end, max_len, alpha))
+    hyps = beam_search(step, step.state(3), START, end, wide, max_len, alpha, n_best=n_all,
+                       context=step.context(4, 5, 6))
+    for image, found in zip((4, 5, 6), hyps, strict=True):
+        expected = exhaustive(dist, image, vocab, end, max_len, alpha)
+        assert [h.tokens for h in found] == [e[1] for e in expected]
+        assert [h.score for h in found] == pytest.approx([e[0] for e in expected], abs=1e-5)
+        for h in found:
+            assert_attention_follows_path(step, image, h)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_context_beam_equals_a_plain_reference_beam_search(k: int) -> None:
+    vocab, end, max_len = 6, 0, 8
+    dist = random_dist(vocab, seed=20 + k, scale=0.8)
+    step = ContextOracle(dist)
+    hyps = beam_search(step, step.state(3), START, end, k, max_len, 1.0, n_best=k, context=step.context(7, 8, 9))
+    for image, found in zip((7, 8, 9), hyps, strict=True):
+        expected = reference_beam(dist, image, vocab, end, k, max_len, 1.0)[:k]
+        assert [h.tokens for h in found] == [e[1] for e in expected]
+        for h in found:
+            assert_attention_follows_path(step, image, h)
+
+
+def test_context_batch_of_mixed_lengths_equals_each_image_alone() -> None:
+    end = 0
+    dist = _target_dist({0: [2], 1: [3, 4, 5, 1, 2], 2: [5, 5, 1]}, vocab=6, end=end)
+    step = ContextOracle(dist)
+    together = beam_search(step, step.state(3), START, end, beam_size=3, max_len=10, n_best=3,
+                           context=step.context(0, 1, 2))
+    for i in range(3):
+        alone = beam_search(step, step.state(1), START, end, beam_size=3, max_len=10, n_best=3,
+                            context=step.context(i))[0]
+        assert alone == together[i]
+        assert all(np.array_equal(a.attention, b.attention) for a, b in zip(alone, together[i], strict=True))
+    assert together[1][0].tokens == [3, 4, 5, 1, 2]
+
+
+def test_context_fallback_to_partial_beams_keeps_their_attention() -> None:
+    never_end = lambda image, prefix: from_probs({3: 1e-12, 1: 0.5}, vocab=4)  # noqa: E731
+    step = ContextOracle(never_end)
+    hyps = beam_search(step, step.state(2), START, 3, beam_size=3, max_len=5, n_best=2, context=step.context(0, 1))
+    for image, alternatives in enumerate(hyps):
+        assert all(not h.finished and len(h.tokens) == 5 for h in alternatives)
+        for h in alternatives:
+            assert_attention_follows_path(step, image, h)
+
+
+def test_context_sampling_keeps_each_paths_attention() -> None:
+    step = ContextOracle(random_dist(vocab=6, seed=5, scale=1.0))
+    hyps = sample(step, step.state(4), START, 0, max_len=7, rng=np.random.default_rng(2),
+                  context=step.context(0, 1, 2, 3))
+    for image, hyp in enumerate(hyps):
+        assert_attention_follows_path(step, image, hyp)
+        assert hyp.log_prob == pytest.approx(path_log_prob(step.dist, image, hyp, 0), abs=1e-5)
+
+
+def test_without_context_there_is_no_attention() -> None:
+    step = LSTMStep()
+    assert all(h.attention is None for h in greedy(step, step.init(2), START, end_id=3, max_len=5))
+    assert all(h.attention is None for hs in beam_search(step, step.init(2), START, 3, 2, 5) for h in hs)

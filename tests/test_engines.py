@@ -104,6 +104,23 @@ def test_graph_is_exported_once_with_a_symbolic_batch(monkeypatch, tmp_path):
     assert out.shape == (5, 8)  # batch 5 through a graph exported with batch 2
 
 
+def test_the_grid_output_is_exported_and_run_the_same_way(monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from capcli.backbone import Grid
+
+    def build_grid(weights):
+        return tiny.builder(weights).conv  # [B, 8, 15, 15] before the pooling
+
+    gridded = replace(tiny, grid=Grid(channels=8, height=15, width=15), grid_builder=build_grid)
+    monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "cache"))
+    pixels = engines.example_pixels(gridded, 3)
+    out = {e: engines.make_extractor(gridded, "none", e, "cpu", output="grid")(pixels) for e in ("torch", "onnx")}
+    assert out["onnx"].shape == (3, 8, 15, 15)
+    assert agree(out["torch"].reshape(3, -1), out["onnx"].reshape(3, -1), FP16_STEP / 2)
+    assert engines.graph_path(gridded, "none", "grid") != engines.graph_path(gridded, "none", "pooled")
+
+
 def test_a_damaged_cached_graph_is_exported_again(monkeypatch, tmp_path):
     monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "cache"))
     path = engines.export_graph(tiny, "none")

@@ -108,9 +108,11 @@ def test_caption_cli_reports_each_bad_image_and_captions_the_rest(tiny_bundle, t
             str(test_images[1]), "--model", str(tiny_bundle), "--json", "--provider", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [Path(r["image"]).name for r in lines] == [test_images[0].name, test_images[1].name]
-    assert all(r["caption"] for r in lines)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # every stdout line is JSON
+    assert [r["image"] for r in lines] == args[1:6], "every image in order, failed ones too"
+    assert [r.get("error") is None for r in lines] == [True, False, False, False, True]
+    assert all(r["caption"] for r in (lines[0], lines[4]))
+    assert all(r["caption"] is None and r["error"] for r in lines[1:4])
     for name in ("missing.png", "notes.jpg", "cut.png"):
         assert sum(name in line for line in result.stderr.splitlines()) == 1
 

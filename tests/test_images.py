@@ -103,3 +103,62 @@ def test_expand_image_args_files_folders_globs(tmp_path):
     names = [p.name for p in found]
     assert names == ["a.jpg", "b.png", "c.png", "b.png"]
     assert problems == [f"{tmp_path / 'none*.jpg'}: no file matches"]
+
+
+# --- issue 9, item 4: images that expand in memory are one ImageError, refused before allocating -----
+
+
+def _strip(tmp_path, width, height):
+    """A tiny file of a huge image: Pillow writes a blank strip in a few hundred bytes."""
+    path = tmp_path / f"strip_{width}x{height}.png"
+    Image.new("L", (width, height)).save(path)
+    assert path.stat().st_size < 10_000
+    return path
+
+
+@pytest.mark.parametrize(("width", "height"), [(60_000, 2), (2_000_000, 1), (3, 60_000)])
+def test_item4_elongated_image_is_refused_before_decoding(tmp_path, monkeypatch, width, height):
+    from PIL import ImageFile
+
+    path = _strip(tmp_path, width, height)
+
+    def must_not_decode(self):
+        raise AssertionError("the pixels must not be decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", must_not_decode)
+    with pytest.raises(ImageError, match=f"{path.name}: image too elongated \\({width}x{height}"):
+        load_input(path, Preprocessing(input_size=224, resize=256))
+
+
+def test_item4_aspect_limit_allows_panoramas(tmp_path):
+    path = save(Image.new("RGB", (images.MAX_ASPECT_RATIO * 4, 4), (9, 9, 9)), tmp_path / "pano.png")
+    assert load_input(path, Preprocessing(input_size=8, resize=8)).shape == (3, 8, 8)
+
+
+def test_item4_in_memory_image_is_checked_by_to_input():
+    with pytest.raises(ImageError, match="too elongated"):
+        to_input(Image.new("L", (60_000, 2)), Preprocessing(input_size=224, resize=256))
+
+
+def test_item4_memory_error_while_decoding_is_that_images_error(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    path = save(Image.new("RGB", (20, 20)), tmp_path / "a.png")
+
+    def out_of_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", out_of_memory)
+    with pytest.raises(ImageError, match="a.png: not enough memory to decode"):
+        load_rgb(path)
+
+
+def test_item4_memory_error_while_resizing_is_that_images_error(tmp_path, monkeypatch):
+    path = save(Image.new("RGB", (20, 20)), tmp_path / "a.png")
+
+    def out_of_memory(self, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "resize", out_of_memory)
+    with pytest.raises(ImageError, match="a.png: not enough memory to resize this 20x20 image"):
+        load_input(path, Preprocessing(input_size=8, resize=10))

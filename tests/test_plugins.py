@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from capcli.backbone import Backbone, Preprocessing
+from capcli.backbone import Backbone, Grid, Preprocessing
 from capcli.errors import CapcliError
 from capcli.images import load_input
 from capcli.registry import get_backbone, plugins
-from capcli.testing import check_backbone
+from capcli.testing import check_backbone, check_grid
 
 IMAGES = Path(__file__).parent / "images"
 
@@ -22,6 +22,13 @@ EXPECTED = {
     "inceptionv3": (2048, 299, 342),
     "resnet152": (2048, 224, 256),
     "efficientnet_lite0": (1280, 224, 256),
+}
+# name: the grid before pooling (channels, height, width) at the backbone's input size
+EXPECTED_GRID = {
+    "vgg16": (512, 14, 14),
+    "inceptionv3": (2048, 8, 8),
+    "resnet152": (2048, 7, 7),
+    "efficientnet_lite0": (1280, 7, 7),
 }
 # Sizes for the contract check on 2 CPU cores: global pooling makes the feature size independent of
 # the input, so the heavy torchvision nets run small (Inception v3 accepts no less than 75).
@@ -52,6 +59,41 @@ def test_metadata(name):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_contract_with_random_weights(name):
     check_backbone(get_backbone(name), weights="none", batch_size=2, image_size=CHECK_SIZE[name])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_GRID))
+def test_grid_declared_and_exact_at_the_input_size(name):
+    backbone = get_backbone(name)
+    assert backbone.has_grid and backbone.grid == Grid(*EXPECTED_GRID[name])
+    check_grid(backbone, weights="none", batch_size=1)  # at the real input size: H x W checked exactly
+
+
+@pytest.mark.parametrize("name", ["resnet152", "inceptionv3", "efficientnet_lite0"])
+def test_grid_is_what_the_pooled_features_average(name):
+    backbone = get_backbone(name)
+    x = torch.randn(2, 3, CHECK_SIZE[name], CHECK_SIZE[name])
+    with torch.inference_mode():
+        pooled, grid = backbone.build("none")(x), backbone.build_grid("none")(x)
+    assert torch.allclose(grid.mean((2, 3)), pooled, atol=1e-4 * max(1.0, float(pooled.abs().max())))
+
+
+def test_vgg16_grid_feeds_its_fc7():
+    backbone = get_backbone("vgg16")
+    x = torch.randn(2, 3, 64, 64)
+    full = backbone.build("none")
+    with torch.inference_mode():
+        grid = backbone.build_grid("none")(x)
+        from_grid = full.classifier(torch.flatten(full.avgpool(full.features[30](grid)), 1))
+        assert torch.allclose(from_grid, full(x), atol=1e-5)
+    assert grid.shape == (2, 512, 4, 4) and bool((grid >= 0).all())  # conv5_3 after its ReLU
+
+
+def test_a_backbone_without_a_grid_still_works_pooled_and_names_itself_for_attention():
+    backbone = _tiny(lambda w: _conv_pool(5), feature_dim=5)
+    check_backbone(backbone)
+    assert not backbone.has_grid
+    with pytest.raises(CapcliError, match="backbone 'tiny' declares no feature grid.*--decoder pooled"):
+        backbone.build_grid("none")
 
 
 def test_random_weights_are_seeded():
@@ -223,6 +265,47 @@ class _Float64(torch.nn.Module):
 def test_check_backbone_rejects_contract_violations(builder, prep, message):
     with pytest.raises(AssertionError, match=message):
         check_backbone(_tiny(builder, feature_dim=5, **prep))
+
+
+def _grid_tiny(grid_builder, grid: Grid, **fields) -> Backbone:
+    return Backbone(name="tiny", feature_dim=5, preprocessing=Preprocessing(input_size=16, resize=18),
+                    builder=lambda w: _conv_pool(5), grid=grid, grid_builder=grid_builder, **fields)
+
+
+def _conv(channels: int = 5, stride: int = 2) -> torch.nn.Module:
+    return torch.nn.Conv2d(3, channels, 3, stride=stride, padding=1)  # 16 -> 8 at stride 2
+
+
+@pytest.mark.parametrize(
+    ("backbone", "message"),
+    [
+        (_grid_tiny(lambda w: _conv(), grid=Grid(5, 8, 8)), None),
+        (_grid_tiny(lambda w: _conv(4), grid=Grid(5, 8, 8)), r"grid \(2, 4, 8, 8\), expected \[2, 5, H, W\]"),
+        (_grid_tiny(lambda w: _conv(), grid=Grid(5, 7, 7)), r"grid \(2, 5, 8, 8\) at the input size, declared"),
+        (_grid_tiny(lambda w: _conv_pool(5), grid=Grid(5, 1, 1)), "expected 4 dims"),
+        (_grid_tiny(lambda w: _Train(_conv(), torch.nn.BatchNorm2d(5)), grid=Grid(5, 8, 8)),
+         r"build_grid\(\) must return eval mode"),
+        (_grid_tiny(None, grid=Grid(5, 8, 8)), "grid and grid_builder must be given together"),
+        (_grid_tiny(lambda w: _conv(), grid=Grid(5, 0, 8)), "grid height must be an int > 0"),
+        (_grid_tiny(lambda w: torch.nn.Sequential(_conv(), _Float64()), grid=Grid(5, 8, 8)),
+         "grid is torch.float64"),
+    ],
+)
+def test_check_backbone_checks_the_grid(backbone, message):
+    if message is None:
+        check_backbone(backbone)
+        return
+    with pytest.raises(AssertionError, match=message):
+        check_backbone(backbone)
+
+
+def test_check_grid_catches_batch_mixing_in_the_grid():
+    class MixesBatch(torch.nn.Module):
+        def forward(self, x):
+            return x - x.mean(0, keepdim=True)
+
+    with pytest.raises(AssertionError, match="sample 0 alone differs"):
+        check_backbone(_grid_tiny(lambda w: torch.nn.Sequential(_conv(3), MixesBatch()), grid=Grid(3, 8, 8)))
 
 
 def test_check_backbone_accepts_a_module_with_trainable_parameters():

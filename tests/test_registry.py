@@ -107,12 +107,14 @@ def test_backbones_json_lists_fake_and_broken(fake_dist):
         "name": "fake",
         "feature_dim": 8,
         "input_size": 32,
+        "grid": None,  # no grid declared: pooled decoder only
         "weights": "random only",
         "distribution": "capcli-fakebackbone",
         "version": "0.0.1",
     }
     assert "ImportError" in rows["fakebroken"]["error"] and rows["fakebroken"]["feature_dim"] is None
     assert {name: rows[name]["feature_dim"] for name in REAL} == REAL
+    assert rows["vgg16"]["grid"] == [512, 14, 14] and rows["efficientnet_lite0"]["grid"] == [1280, 7, 7]
 
 
 def test_backbones_table_shows_the_broken_plugin(fake_dist, monkeypatch):
@@ -120,6 +122,7 @@ def test_backbones_table_shows_the_broken_plugin(fake_dist, monkeypatch):
     result = CliRunner().invoke(app, ["backbones"])
     assert result.exit_code == 0, result.output
     assert "fakebroken" in result.stdout and "failed to load" in result.stdout
+    assert "512x14x14" in result.stdout and "none (pooled only)" in result.stdout
 
 
 # --- a fresh interpreter: listing plugins must not import torch -----------------------------------

@@ -28,3 +28,16 @@ def _build(weights: str):
 
 tiny = Backbone(name="tiny", feature_dim=8, preprocessing=Preprocessing(input_size=32, resize=36), builder=_build,
                 weights_source="random")
+
+
+def _build_wide(weights: str):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(_build(weights), nn.Linear(8, 8192))
+
+
+# Wide rows (8192 float16 = 16 KiB per image) for tests that need a feature file of some size.
+wide = Backbone(name="wide", feature_dim=8192, preprocessing=tiny.preprocessing, builder=_build_wide,
+                weights_source="random")

@@ -2,30 +2,81 @@
 
 from __future__ import annotations
 
+import errno
+from contextlib import contextmanager
+from importlib.util import find_spec
 from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
 from capcli import __version__
-from capcli.cli import caption, data, demo, evaluate, export, inspect, train
-from capcli.console import err, out
+from capcli.cli import caption, data, demo, doctor, evaluate, export, inspect, serve, train
+from capcli.console import err, error, out, tolerant_streams
 from capcli.errors import CapcliError
+from capcli.paths import describe_os_error
+
+try:  # recent Typer carries its own copy of click, whose exceptions are not click's
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older Typer on the real click
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
+# What only `pip install capcli[train]` brings: the training commands and --runtime torch need it.
+TRAINING_STACK = {"torch", "torchvision", "onnx", "onnxscript", "matplotlib", "kagglehub", "timm"}
+TRAINING_COMMANDS = {"features", "train", "export", "demo"}
+NEEDS_TRAINING_STACK = "this command needs the training stack ({module} is not installed): pip install 'capcli[train]'"
 
 
 class ErrorHandlingGroup(TyperGroup):
-    """Turns user errors into one line on stderr and exit 1, and Ctrl-C into exit 130."""
+    """Every way a command can fail ends in one line on stderr: user errors and operating-system errors
+    exit 1, usage errors (a bad option value) exit 2, Ctrl-C exits 130. Never a traceback."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[override]
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def resolve_command(self, ctx, args):  # type: ignore[override]
+        name, command, rest = super().resolve_command(ctx, args)
+        # Checked up front: these commands would otherwise fail on whatever they miss first (a backbone plugin).
+        if name in TRAINING_COMMANDS and "--help" not in rest and find_spec("torch") is None:
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return name, command, rest
 
     def invoke(self, ctx):  # type: ignore[override]
-        try:
+        tolerant_streams()
+        with _one_line_errors():
             return super().invoke(ctx)
-        except CapcliError as exc:
-            err.print(f"[red]error:[/red] {exc}", markup=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("interrupted; finished work is kept: rerun the same command to resume "
-                      "(for train, add --resume)")
-            raise typer.Exit(130) from None
+
+
+@contextmanager
+def _one_line_errors():
+    try:
+        yield
+    except CapcliError as exc:
+        error(exc)
+        raise typer.Exit(1) from None
+    except NoArgsIsHelpError:
+        raise  # click prints the help
+    except UsageError as exc:
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        error(f"{exc.format_message()}{where}")
+        raise typer.Exit(2) from None
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in TRAINING_STACK:
+            raise
+        error(NEEDS_TRAINING_STACK.format(module=exc.name))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; finished work is kept: rerun the same command to resume "
+                  "(for train, add --resume)")
+        raise typer.Exit(130) from None
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise  # a closed pipe (| head): click exits quietly
+        # The last line of defence; the common cases are turned into clear messages where they happen.
+        where = f": {exc.filename}" if exc.filename else ""
+        error(f"{describe_os_error(exc)}{where}")
+        raise typer.Exit(1) from None
 
 
 app = typer.Typer(
@@ -60,7 +111,10 @@ app.command("export")(export.export_cmd)
 app.command()(caption.caption)
 app.command("evaluate")(evaluate.evaluate_cmd)
 app.command()(demo.demo)
+app.command()(serve.serve)
 app.add_typer(data.app, name="data")
+app.command()(doctor.doctor)
+app.command("env", hidden=True)(doctor.doctor)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.console import err, out
+from capcli.console import err, error, json_line, out, plain, shown
 
 
 def caption(
@@ -14,55 +14,84 @@ def caption(
     model: Annotated[str, typer.Option(help="Bundle folder (onnx) or run dir / bundle (torch).")] = "exported/demo",
     runtime: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
     beam_size: Annotated[int, typer.Option(min=1, help="1 = greedy.")] = 3,
-    beams: Annotated[int, typer.Option(min=1, help="Alternatives to show per image (with beam search).")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    beams: Annotated[
+        int, typer.Option(min=1, help="Alternatives to show per image (beam search only; at most --beam-size).")
+    ] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images decoded together (encoded 16 at a time).")] = 8,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: auto, cpu or cuda.")] = "auto",
     device: Annotated[str, typer.Option(help="PyTorch device for --runtime torch.")] = "cpu",
-    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON lines on stdout, one per image (failed ones with an 'error').")
+    ] = False,
     html: Annotated[str | None, typer.Option(help="Also write an HTML report here.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample words instead of beam search.")] = False,
     temperature: Annotated[float, typer.Option(min=1e-3, help="Softmax temperature for --sample.")] = 1.0,
     top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest words (0 = all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed for --sample.")] = 0,
 ) -> None:
-    """Caption images with an exported bundle (ONNX Runtime) or a run (PyTorch)."""
-    import json
+    """Caption images with an exported bundle (ONNX Runtime) or a run (PyTorch).
 
-    from capcli.caption import Sampling, caption_images, open_captioner
-    from capcli.images import expand_image_args
+    Exits 1 when any image could not be captioned (each is named on stderr; the others are captioned).
+    """
+    from capcli.caption import Sampling, caption_images, find_images, open_captioner
+    from capcli.paths import output_file
 
-    paths, problems = expand_image_args(images)
+    _check_beams(beams, beam_size, sample)
+    if html is not None:
+        output_file(html, "--html")  # before any captioning
+    paths, problems = find_images(images)
     for p in problems:
-        err.print(f"[red]error:[/red] {p}", markup=True)
+        error(p)
     captioner = open_captioner(model, runtime=runtime, provider=provider, device=device)
 
     def show(r) -> None:
         if r.error:
-            err.print(f"[red]error:[/red] {r.error}", markup=True)
-        elif as_json:
-            out.print(json.dumps(r.to_dict()), markup=False)
+            error(r.error)
+        if as_json:
+            json_line(r.to_dict())
 
     sampling = Sampling(temperature, top_k, seed) if sample else None
-    results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size,
-                             n_best=min(beams, beam_size), on_result=show, sampling=sampling)
+    results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size, n_best=beams,
+                             on_result=show, sampling=sampling)
     if not as_json:
-        from rich.table import Table
-
-        how = "sampled" if sample else "greedy" if beam_size == 1 else f"beam {beam_size}"
-        table = Table(title=f"captions ({captioner.runtime}, {how})")
-        table.add_column("image", overflow="fold")
-        table.add_column("caption", overflow="fold")
-        table.add_column("score", justify="right")
-        for r in results:
-            if r.error is None:
-                extra = "".join(f"\n  [dim]{c} ({s:.2f})[/dim]" for c, s in r.alternatives[1:])
-                table.add_row(r.image, r.caption + extra, f"{r.score:.3f}")
-        out.print(table)
+        _print_table(results, captioner.runtime, "sampled" if sample else "greedy" if beam_size == 1 else
+                     f"beam {beam_size}")
     if html:
         from capcli.report import write_html
 
         rows = [{"image": r.image, "caption": r.caption or "", "score": r.score, "error": r.error,
                  "alternatives": [list(a) for a in r.alternatives[1:]]} for r in results]
-        out.print(f"report: {write_html(html, rows, title='capcli captions')}")
+        err.print(f"report: {shown(write_html(html, rows, title='capcli captions'))}")
     if problems or any(r.error for r in results):
         raise typer.Exit(1)
+
+
+def _check_beams(beams: int, beam_size: int, sample: bool) -> None:
+    if beams == 1:
+        return
+    if sample:
+        raise typer.BadParameter("--beams needs beam search; --sample gives one caption per image",
+                                 param_hint="'--beams'")
+    if beam_size == 1:
+        raise typer.BadParameter("--beams needs beam search; --beam-size 1 is greedy decoding",
+                                 param_hint="'--beams'")
+    if beams > beam_size:
+        raise typer.BadParameter(f"{beams} alternatives asked for, but beam search keeps --beam-size {beam_size}",
+                                 param_hint="'--beams'")
+
+
+def _print_table(results, runtime: str, how: str) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"captions ({runtime}, {how})")
+    table.add_column("image", overflow="fold")
+    table.add_column("caption", overflow="fold")
+    table.add_column("score", justify="right")
+    for r in results:
+        if r.error is None:
+            caption = plain(r.caption)
+            for c, s in r.alternatives[1:]:
+                caption.append(Text.assemble("\n  ", plain(f"{c} ({s:.2f})", "dim")))
+            table.add_row(plain(r.image), caption, f"{r.score:.3f}")
+    out.print(table)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from capcli.cli.options import ImagesDir
-from capcli.console import out
+from capcli.console import json_line
 from capcli.tables import print_scores
 
 
@@ -20,18 +20,25 @@ def evaluate_cmd(
     runtime: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
     provider: str = "auto",
     device: str = "cpu",
-    limit: Annotated[int | None, typer.Option(help="Caption only the first N images.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Caption only the first N images (N >= 1).")] = None,
+    allow_missing: Annotated[
+        bool,
+        typer.Option(help="Score the images that could be read when some of the split's images are missing or "
+                          "unreadable (they are listed in the output). Without it that is an error, exit 1."),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
-    out_file: Annotated[str | None, typer.Option("--out", help="Where to write captions + scores (JSON).")] = None,
+    out_file: Annotated[
+        str | None,
+        typer.Option("--out", help="Where to write captions + scores (JSON); default "
+                                   "./evaluation-MODEL-SPLIT.json, never inside the bundle."),
+    ] = None,
 ) -> None:
     """Score generated captions on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100)."""
-    import json
-
     from capcli.evaluate import evaluate
 
     report = evaluate(model, dataset, images, split, beam_size, runtime, provider, device, limit=limit,
-                      out=out_file)
+                      out=out_file, allow_missing=allow_missing)
     if as_json:
-        out.print(json.dumps({k: v for k, v in report.items() if k != "captions"}), markup=False)
+        json_line({k: v for k, v in report.items() if k != "captions"})
         return
     print_scores(report)

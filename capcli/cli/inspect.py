@@ -25,6 +25,8 @@ def backbones(
                 "name": p.name,
                 "feature_dim": b.feature_dim if b else None,
                 "input_size": b.input_size if b else None,
+                # [C, H, W] before pooling, for the attention decoder; null: pooled decoder only.
+                "grid": [b.grid.channels, b.grid.height, b.grid.width] if b and b.has_grid else None,
                 "weights": b.weights_source if b else None,
                 "distribution": p.distribution,
                 "version": p.version,
@@ -35,16 +37,18 @@ def backbones(
         out.print_json(json.dumps(rows))
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="capcli backbones")
-    for col in ("name", "feature dim", "input", "weights", "distribution", "version"):
+    for col in ("name", "feature dim", "grid", "input", "weights", "distribution", "version"):
         table.add_column(col)
     for r in rows:
         if "error" in r:
-            table.add_row(r["name"], "[red]failed to load[/red]", "", r["error"], r["distribution"], r["version"])
+            table.add_row(r["name"], Text("failed to load", "red"), "", "", r["error"], r["distribution"], r["version"])
         else:
+            grid = "x".join(map(str, r["grid"])) if r["grid"] else "none (pooled only)"
             table.add_row(
-                r["name"], str(r["feature_dim"]), str(r["input_size"]), r["weights"],
+                r["name"], str(r["feature_dim"]), grid, str(r["input_size"]), r["weights"],
                 r["distribution"], r["version"],
             )
     if not rows:

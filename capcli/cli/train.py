@@ -16,9 +16,9 @@ def features(
     dataset: DatasetSpec = "synthetic",
     images: ImagesDir = None,
     weights: Weights = "imagenet",
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     workers: Annotated[
-        int | None, typer.Option(min=0, help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")
+        int | None, typer.Option(help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")
     ] = None,
     device: Device = "auto",
     engine: Engine = "auto",
@@ -30,49 +30,75 @@ def features(
 
     spec = get_backbone(backbone)
     ds = load_dataset(dataset, images=images)
+    _print_notes(ds)
     cache = extract(spec, ds, weights, batch_size, workers, device, engine=engine)
-    out.print(f"{len(cache.images)} images, {spec.feature_dim}-d float16 features in {cache.path}")
+    out.print(f"{len(cache.images)} images, {spec.feature_dim}-d float16 features in {cache.path}", markup=False)
     if cache.failed:
-        err.print(f"{len(cache.failed)} images could not be read and were skipped:")
+        err.print(f"{len(cache.failed)} images could not be read and were skipped "
+                  f"(they are retried on every run):", markup=False)
         for name, reason in list(cache.failed.items())[:20]:
-            err.print(f"  {name}: {reason}")
+            err.print(f"  {name}: {reason}", markup=False)
+
+
+def _print_notes(ds) -> None:
+    """What the dataset reader skipped or repaired (a stray quote, malformed lines), one line each."""
+    for note in ds.notes:
+        err.print(f"note: {note}", markup=False)
 
 
 def train(
-    backbone: BackboneName,
+    ctx: typer.Context,
+    backbone: Annotated[
+        str | None,
+        typer.Option("--backbone", help="Backbone plugin name (see capcli backbones); --resume takes the run's."),
+    ] = None,
     dataset: DatasetSpec = "synthetic",
     images: ImagesDir = None,
     weights: Weights = "imagenet",
-    epochs: Annotated[int, typer.Option(min=1)] = 20,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
+    epochs: Annotated[int, typer.Option(help="Epochs in all (with --resume: may be raised to train longer).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Captions per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     lr_keep_epochs: Annotated[int, typer.Option(help="Epochs at the initial LR before decay.")] = 3,
     lr_decay: Annotated[float, typer.Option(help="LR factor per epoch after that.")] = 0.9,
     patience: Annotated[int, typer.Option(help="Early stop after this many epochs without improvement.")] = 3,
     threshold: Annotated[int, typer.Option(help="Min word count for the vocabulary.")] = 5,
     max_len: Annotated[int, typer.Option(help="Max caption words.")] = 20,
-    embed_dim: int = 256,
-    hidden_dim: int = 512,
-    num_layers: int = 1,
-    dropout: float = 0.3,
+    embed_dim: Annotated[int, typer.Option(help="Word embedding size.")] = 256,
+    hidden_dim: Annotated[int, typer.Option(help="LSTM hidden size.")] = 512,
+    num_layers: Annotated[int, typer.Option(help="LSTM layers.")] = 1,
+    dropout: Annotated[float, typer.Option(help="Dropout probability, in [0, 1).")] = 0.3,
     feature_input: Annotated[bool, typer.Option(help="Also feed the image as the first LSTM input step.")] = False,
     out: Annotated[str | None, typer.Option(help="Run directory (default runs/BACKBONE).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out with its own settings (only --epochs, --patience, "
+                                "--device, --workers, --engine may change).")
+    ] = False,
     device: Device = "auto",
     seed: int = 0,
     workers: Annotated[int | None, typer.Option(help="Feature-extraction workers.")] = None,
     engine: Engine = "auto",
 ) -> None:
     """Train the LSTM caption decoder on cached backbone features (extracted first if needed)."""
+    from capcli.errors import CapcliError
     from capcli.train import TrainConfig
     from capcli.train import train as run_training
 
+    if backbone is None and not resume:
+        raise CapcliError("--backbone is required (see capcli backbones)")
+    given = tuple(name for name in ctx.params if _given(ctx, name))
     cfg = TrainConfig(
-        backbone=backbone, dataset=dataset, images=images, weights=weights, out=out, epochs=epochs,
+        backbone=backbone or "", dataset=dataset, images=images, weights=weights, out=out, epochs=epochs,
         batch_size=batch_size, lr=lr, lr_keep_epochs=lr_keep_epochs, lr_decay=lr_decay, patience=patience,
         threshold=threshold, max_len=max_len, embed_dim=embed_dim, hidden_dim=hidden_dim,
         num_layers=num_layers, dropout=dropout, feature_input=feature_input, resume=resume, device=device,
-        seed=seed, workers=workers, engine=engine,
+        seed=seed, workers=workers, engine=engine, given=given,
     )
     run_dir = run_training(cfg)
     print_training(run_dir)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set option `name` (on the command line or through the environment)."""
+    source = ctx.get_parameter_source(name)
+    # By name: Typer may ship its own copy of click, with its own ParameterSource enum.
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")

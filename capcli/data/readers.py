@@ -238,22 +238,48 @@ def _read_lines(path: Path, read: Callable[[Any, _Parsed], None]) -> _Parsed:
 
 def _read_kaggle(path: Path) -> _Parsed:
     def read(f, parsed: _Parsed) -> None:
-        rows = csv.reader(f)
-        header = next(rows, None)
-        if header is None:
+        lines = enumerate(f, 1)
+        first = next(lines, None)
+        if first is None:
             raise CapcliError(f"{path}: empty file")
+        header, _ = _csv_line(first[1])
         if [h.strip().lower() for h in header] != ["image", "caption"]:
             raise CapcliError(f"{path}: expected the CSV header 'image,caption', found {','.join(header)!r}")
-        for row in rows:
+        stray_quotes = []
+        for lineno, line in lines:
+            row, unbalanced = _csv_line(line)
             if not any(cell.strip() for cell in row):
                 continue
+            if unbalanced:
+                stray_quotes.append(lineno)
             if len(row) < 2 or not row[0].strip():
-                parsed.skipped_lines.append(rows.line_num)
+                parsed.skipped_lines.append(lineno)
                 continue
             # An unquoted comma splits a caption into more cells: join them back.
             parsed.add(row[0].strip(), ",".join(row[1:]))
+        if stray_quotes:
+            parsed.notes.append(_stray_quote_note(path, stray_quotes))
 
     return _read_lines(path, read)
+
+
+def _csv_line(line: str) -> tuple[list[str], bool]:
+    """One physical line as CSV cells, and whether a quote opened on it is left unclosed.
+
+    Captions never span lines, so each line is parsed on its own: a stray '"' that opens a quoted
+    cell would otherwise swallow the following rows into one caption.
+    """
+    row = next(csv.reader([line.rstrip("\r\n") + "\n"]), [])
+    unbalanced = any("\n" in cell for cell in row)  # the line ended inside the quoted cell
+    return [cell.rstrip("\r\n") for cell in row], unbalanced
+
+
+def _stray_quote_note(path: Path, lines: list[int]) -> str:
+    shown = ", ".join(map(str, lines[:5])) + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")
+    return (
+        f'{path.name}: unbalanced quote (") on line(s) {shown}; each such line was read as one caption on '
+        "its own, not merged with the lines after it: fix the quote to silence this"
+    )
 
 
 def _repair_image_name(name: str) -> str:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from capcli.data.text import tokenize
 from capcli.errors import CapcliError
-from capcli.paths import atomic_write_json, atomic_write_text, cache_root
+from capcli.paths import atomic_write_json, atomic_write_text, cache_root, make_temp_folder
 
 SYNTHETIC_FORMAT = "capcli-synthetic/2"  # bump when scenes or captions change
 
@@ -378,7 +377,7 @@ def build(
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = make_temp_folder(out.parent, prefix=f".{out.name}.")  # becomes the user's folder: umask perms
     try:
         generate(tmp, n_images, seed, size, progress)
         _move_into_place(tmp, out, replace)
@@ -396,7 +395,7 @@ def _move_into_place(tmp: Path, out: Path, replace: bool) -> None:
             raise
     if not replace and is_synthetic_set(out):
         return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    old = make_temp_folder(out.parent, prefix=f".{out.name}.", suffix=".old")
     os.replace(out, old / "set")
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 VOCAB_FORMAT = "capcli-vocab/1"
+# A vocabulary must know this share of the training captions' words: below it, captions are
+# mostly <unk> (e.g. --threshold 1000 on a small set keeps "a" and little else).
+MIN_COVERAGE = 0.75
 
 _APOSTROPHES = "'\u2019\u2018`"
 # Flickr captions write clitics apart ("horse 's", "do n't"): join them back to their word.
@@ -154,3 +157,32 @@ def build_vocabulary(ds: CaptionDataset, threshold: int = 5) -> Vocabulary:
     return Vocabulary.build(
         (caption for image in ds.splits["train"] for caption in ds.captions[image]), threshold
     )
+
+
+def check_coverage(ds: CaptionDataset, threshold: int) -> None:
+    """Refuse a threshold whose vocabulary would leave over a quarter of the training words <unk>."""
+    counts = _train_word_counts(ds)
+    total = sum(counts.values())
+    if total == 0:
+        raise CapcliError("the training captions contain no words")
+    known = [n for n in counts.values() if n >= threshold]
+    if sum(known) >= MIN_COVERAGE * total:
+        return
+    raise CapcliError(
+        f"--threshold {threshold} keeps {len(known)} word(s) and leaves {1 - sum(known) / total:.0%} of the "
+        f"training captions' words as <unk>; a vocabulary must know at least {MIN_COVERAGE:.0%} of them: "
+        f"use --threshold {_highest_usable_threshold(counts, total)} or lower"
+    )
+
+
+def _highest_usable_threshold(counts: Counter, total: int) -> int:
+    covered = 0
+    for n in sorted(counts.values(), reverse=True):
+        covered += n
+        if covered >= MIN_COVERAGE * total:
+            return n
+    return 1
+
+
+def _train_word_counts(ds: CaptionDataset) -> Counter:
+    return Counter(word for image in ds.splits["train"] for caption in ds.captions[image] for word in tokenize(caption))

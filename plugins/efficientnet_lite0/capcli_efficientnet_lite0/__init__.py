@@ -1,4 +1,5 @@
-"""capcli backbone plugin: EfficientNet-Lite0 (timm architecture), 1280-d average-pooled features.
+"""capcli backbone plugin: EfficientNet-Lite0 (timm architecture), 1280-d average-pooled features;
+grid: the last conv stage (conv_head + BN + ReLU6), 1280 x 7x7.
 
 Importing this module must stay torch-free (`capcli backbones` lists plugins without torch);
 torch, timm and the weights package are imported inside the builders.
@@ -25,7 +26,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Preprocessing, load_state_dict_file
+from capcli.backbone import Backbone, Grid, Preprocessing, load_state_dict_file
 from capcli.errors import CapcliError
 
 if TYPE_CHECKING:
@@ -140,6 +141,13 @@ def _build(weights: str) -> nn.Module:
     return model
 
 
+def _build_grid(weights: str) -> nn.Module:
+    model = build_classifier(weights)
+    # No classifier and no pool: the output is the last conv stage, [B, 1280, 7, 7] at 224.
+    model.reset_classifier(0, global_pool="")
+    return model
+
+
 backbone = Backbone(
     name=NAME,
     feature_dim=1280,
@@ -148,5 +156,8 @@ backbone = Backbone(
     ),
     builder=_build,
     weights_source=f"{WEIGHTS_PACKAGE} (offline)",
-    description="EfficientNet-Lite0 (timm tf_efficientnet_lite0), 1280-d global average pool",
+    description="EfficientNet-Lite0 (timm tf_efficientnet_lite0), 1280-d global average pool; "
+    "grid: the last conv stage",
+    grid=Grid(channels=1280, height=7, width=7),
+    grid_builder=_build_grid,
 )

@@ -1,4 +1,4 @@
-"""capcli backbone plugin: Inception v3 from torchvision, 2048-d average-pooled features.
+"""capcli backbone plugin: Inception v3 from torchvision, 2048-d average-pooled features; grid: Mixed_7c, 2048 x 8x8.
 
 Importing this module must stay torch-free (`capcli backbones` lists plugins without torch);
 torch and torchvision are imported inside the builder.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Preprocessing, download_state_dict, load_weights
+from capcli.backbone import Backbone, Grid, Preprocessing, download_state_dict, load_weights
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,8 +40,7 @@ def _drop_aux_logits(module: Any, state_dict: dict[str, Any], prefix: str, *args
         del state_dict[key]
 
 
-def _build(weights: str) -> nn.Module:
-    from torch import nn
+def _full_model(weights: str) -> nn.Module:
     from torchvision.models import inception_v3
 
     # Fetch first: an offline 'imagenet' fails before spending time on initialisation.
@@ -50,9 +49,37 @@ def _build(weights: str) -> nn.Module:
     model = inception_v3(weights=None, aux_logits=False, transform_input=True, init_weights=True)
     model.register_load_state_dict_pre_hook(_drop_aux_logits)
     load_weights(model, weights, NAME, state)
+    return model
+
+
+def _build(weights: str) -> nn.Module:
+    from torch import nn
+
+    model = _full_model(weights)
     # The head goes after loading, so a full-model state dict (fc included) fits.
     model.fc = nn.Identity()
     return model
+
+
+_HEAD = ("avgpool", "dropout", "fc", "AuxLogits")
+
+
+def _build_grid(weights: str) -> nn.Module:
+    """Mixed_7c's output: the network's own layers in order, without the pool and the head."""
+    from torch import nn
+    from torchvision.models.inception import Inception3
+
+    class TransformInput(nn.Module):
+        """Inception3's own re-mapping of ImageNet-normalised input to [-1, 1] (a method, not a child module)."""
+
+        transform_input = True
+
+        def forward(self, x):
+            return Inception3._transform_input(self, x)
+
+    model = _full_model(weights)
+    body = [module for name, module in model.named_children() if name not in _HEAD]
+    return nn.Sequential(TransformInput(), *body)
 
 
 backbone = Backbone(
@@ -61,5 +88,8 @@ backbone = Backbone(
     preprocessing=Preprocessing(input_size=299, resize=342),
     builder=_build,
     weights_source="torchvision IMAGENET1K_V1 (download)",
-    description="Inception v3 (torchvision), 2048-d global average pool; transform_input, no aux logits",
+    description="Inception v3 (torchvision), 2048-d global average pool; transform_input, no aux logits; "
+    "grid: Mixed_7c",
+    grid=Grid(channels=2048, height=8, width=8),
+    grid_builder=_build_grid,
 )

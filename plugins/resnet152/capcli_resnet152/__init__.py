@@ -1,4 +1,4 @@
-"""capcli backbone plugin: ResNet-152 from torchvision, 2048-d average-pooled features.
+"""capcli backbone plugin: ResNet-152 from torchvision, 2048-d average-pooled features; grid: layer4, 2048 x 7x7.
 
 Importing this module must stay torch-free (`capcli backbones` lists plugins without torch);
 torch and torchvision are imported inside the builder.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Preprocessing, download_state_dict, load_weights
+from capcli.backbone import Backbone, Grid, Preprocessing, download_state_dict, load_weights
 
 if TYPE_CHECKING:
     from torch import nn
@@ -23,17 +23,31 @@ def _imagenet_state_dict() -> dict[str, Any]:
     return download_state_dict(NAME, ResNet152_Weights.IMAGENET1K_V1.url)
 
 
-def _build(weights: str) -> nn.Module:
-    from torch import nn
+def _full_model(weights: str) -> nn.Module:
     from torchvision.models import resnet152
 
     # Fetch first: an offline 'imagenet' fails before spending time on initialisation.
     state = _imagenet_state_dict() if weights == "imagenet" else None
     model = resnet152(weights=None)
     load_weights(model, weights, NAME, state)
+    return model
+
+
+def _build(weights: str) -> nn.Module:
+    from torch import nn
+
+    model = _full_model(weights)
     # The head goes after loading, so a full-model state dict (fc included) fits.
     model.fc = nn.Identity()
     return model
+
+
+def _build_grid(weights: str) -> nn.Module:
+    from torch import nn
+
+    model = _full_model(weights)
+    # Everything up to layer4, i.e. without the global average pool and fc.
+    return nn.Sequential(*list(model.children())[:-2])
 
 
 backbone = Backbone(
@@ -42,5 +56,7 @@ backbone = Backbone(
     preprocessing=Preprocessing(input_size=224, resize=256),
     builder=_build,
     weights_source="torchvision IMAGENET1K_V1 (download)",
-    description="ResNet-152 (torchvision), 2048-d global average pool",
+    description="ResNet-152 (torchvision), 2048-d global average pool; grid: layer4",
+    grid=Grid(channels=2048, height=7, width=7),
+    grid_builder=_build_grid,
 )

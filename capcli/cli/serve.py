@@ -1,0 +1,50 @@
+"""`capcli serve`: a bundle behind an HTTP API and a web page."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from capcli.console import out
+from capcli.errors import CapcliError
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise CapcliError(f"cannot listen on {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise CapcliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def serve(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder (made by capcli export).")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    provider: Annotated[str, typer.Option(help="ONNX Runtime provider: auto, cpu or cuda.")] = "auto",
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images in one encoder/decoder run.")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others to batch with.")] = 5.0,
+    max_files: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 16,
+    max_image_mb: Annotated[float, typer.Option(min=0.001, help="Largest image file accepted, in MB.")] = 20.0,
+    max_queued: Annotated[int, typer.Option(min=1, help="Images waiting before requests get 503.")] = 256,
+) -> None:
+    """Serve a bundle over HTTP: POST /v1/captions, GET /v1/model, /healthz, a web page at / and docs at /docs."""
+    import uvicorn
+
+    from capcli.serve.app import ServeSettings, create_app
+
+    settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_files=max_files,
+                             max_image_bytes=int(max_image_mb * 1e6), max_queued=max_queued)
+    app = create_app(bundle, provider=provider, settings=settings)
+    _check_port_free(host, port)
+    out.print(f"serving {bundle} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops", markup=False)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,164 @@
+"""Micro-batching: images of concurrent requests are captioned in one encoder and one decoder run.
+
+One worker thread owns the captioner. It takes the first waiting job, gathers whatever else arrives within
+`max_wait` (or is already queued, as under load) up to `max_batch` images, groups the jobs by decoding
+options and runs each group as one batch. Sampled captions depend on the order of the random draws, so each
+sampling request is its own group: a seed gives the same words as `capcli caption --sample --seed`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from capcli.caption import Sampling, decode_states
+from capcli.errors import CapcliError
+
+
+class ServerBusy(CapcliError):
+    """More images are waiting than the server accepts; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode: beam search (beam_size 1 = greedy) or sampling."""
+
+    beam_size: int = 3
+    n_best: int = 1
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def sampling(self) -> Sampling | None:
+        return Sampling(self.temperature, self.top_k, self.seed) if self.sample else None
+
+
+@dataclass
+class Captioned:
+    """One job's answer: per image, the decoder's hypotheses best first, and where the time went."""
+
+    hypotheses: list[list]
+    timings_ms: dict[str, float]
+    batch_images: int
+
+
+@dataclass
+class _Job:
+    images: np.ndarray  # [n, 3, S, S] float32
+    options: DecodeOptions
+    number: int
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def group(self) -> tuple:
+        return (self.options, self.number) if self.options.sample else (self.options,)
+
+
+_STOP = object()
+
+
+class MicroBatcher:
+    """Owns the captioner's worker thread; `submit` is safe from any thread."""
+
+    def __init__(self, captioner, max_batch: int = 16, max_wait: float = 0.005, max_queued: int = 256):
+        self.captioner, self.max_batch, self.max_wait, self.max_queued = captioner, max_batch, max_wait, max_queued
+        self._queue: queue.Queue = queue.Queue()
+        self._queued_images = 0
+        self._lock = threading.Lock()
+        self._numbers = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="capcli-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def submit(self, images: np.ndarray, options: DecodeOptions) -> Future:
+        """Queue images for captioning; the future's result is a Captioned."""
+        with self._lock:
+            if self._queued_images + len(images) > self.max_queued:
+                raise ServerBusy(f"server busy: {self._queued_images} images are waiting; retry shortly")
+            self._queued_images += len(images)
+        job = _Job(images, options, next(self._numbers))
+        self._queue.put(job)
+        return job.future
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            jobs, stopping = self._gather(first)
+            for group in _groups(jobs):
+                self._caption(group)
+            if stopping:
+                return
+
+    def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
+        """The first job plus those arriving within max_wait, up to max_batch images."""
+        jobs, images = [first], len(first.images)
+        deadline = time.perf_counter() + self.max_wait
+        while images < self.max_batch:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if job is _STOP:
+                return jobs, True
+            jobs.append(job)
+            images += len(job.images)
+        return jobs, False
+
+    def _caption(self, jobs: list[_Job]) -> None:
+        started = time.perf_counter()
+        try:
+            options = jobs[0].options
+            images = np.concatenate([job.images for job in jobs])
+            hypotheses, encode_s, decode_s = [], 0.0, 0.0
+            for chunk in _chunks(images, self.max_batch):
+                t0 = time.perf_counter()
+                state = self.captioner.encode(chunk)
+                t1 = time.perf_counter()
+                hypotheses += decode_states(self.captioner, state, options.beam_size, options.n_best,
+                                            sampling=options.sampling())
+                encode_s, decode_s = encode_s + t1 - t0, decode_s + time.perf_counter() - t1
+        except Exception as exc:  # the server must outlive any failure of one batch
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        finally:
+            with self._lock:
+                self._queued_images -= sum(len(job.images) for job in jobs)
+        offset = 0
+        for job in jobs:
+            n = len(job.images)
+            timings = {"queue": (started - job.queued_at) * 1e3, "encode": encode_s * 1e3, "decode": decode_s * 1e3}
+            job.future.set_result(Captioned(hypotheses[offset : offset + n], timings, len(images)))
+            offset += n
+
+
+def _groups(jobs: list[_Job]) -> Iterator[list[_Job]]:
+    by_group: dict[tuple, list[_Job]] = {}
+    for job in jobs:
+        by_group.setdefault(job.group, []).append(job)
+    yield from by_group.values()
+
+
+def _chunks(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(images), size):
+        yield images[start : start + size]

@@ -1,0 +1,139 @@
+"""The one validator of training options, and the settings a resumed run takes from its checkpoint.
+
+Used by the library (`TrainConfig.validate`, called by `train`) and so by the CLI: every bad option
+is named in one line, before any data is read or any file written. Torch is not imported here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, fields, replace
+from typing import Any
+
+from capcli.errors import CapcliError
+
+# Dimensions and depth beyond these cannot fit a caption decoder in memory anywhere sensible; refusing
+# them is kinder than an allocation traceback or the kernel's OOM killer.
+MAX_DIM = 8192
+MAX_LAYERS = 16
+MAX_SEED = 2**31 - 1  # the seed also seeds numpy (>= 0) and per-epoch shuffles (seed * 1000 + epoch)
+# Options that may differ when a run is resumed: how long and where it runs, not what it learns.
+CHANGEABLE_ON_RESUME = frozenset({"epochs", "patience", "device", "workers", "engine", "feature_batch_size",
+                                  "out", "resume", "given", "extra"})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(low: int, high: int | None = None):
+    def check(value: Any) -> str | None:
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            return f"an integer from {low} to {high}" if high is not None else f"an integer of at least {low}"
+        return None
+
+    return check
+
+
+def _number_in(low: float, high: float, low_open: bool, high_open: bool):
+    def check(value: Any) -> str | None:
+        ok = _is_number(value) and (value > low if low_open else value >= low)
+        ok = ok and (value < high if high_open else value <= high)
+        if not ok:
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            return f"a finite number in {left}{low:g}, {high:g}{right}"
+        return None
+
+    return check
+
+
+def _positive_number(value: Any) -> str | None:
+    return None if _is_number(value) and value > 0 else "a finite number above 0"
+
+
+def _optional(check):
+    return lambda value: None if value is None else check(value)
+
+
+def _text(value: Any) -> str | None:
+    return None if isinstance(value, str) and value else "given"
+
+
+# One rule per option: what a valid value is, said in the words of the error message.
+RULES = {
+    "backbone": _text,
+    "dataset": _text,
+    "weights": _text,
+    "epochs": _int_at_least(1),
+    "batch_size": _int_at_least(1),
+    "lr": _positive_number,
+    "lr_keep_epochs": _int_at_least(0),
+    "lr_decay": _number_in(0, 1, low_open=True, high_open=False),
+    "clip_norm": _positive_number,
+    "patience": _int_at_least(1),
+    "threshold": _int_at_least(1),
+    "max_len": _int_at_least(1),
+    "embed_dim": _int_at_least(1, MAX_DIM),
+    "hidden_dim": _int_at_least(1, MAX_DIM),
+    "num_layers": _int_at_least(1, MAX_LAYERS),
+    "dropout": _number_in(0, 1, low_open=False, high_open=True),
+    "val_sample": _int_at_least(1),
+    "seed": _int_at_least(0, MAX_SEED),
+    "workers": _optional(_int_at_least(0)),
+    "feature_batch_size": _int_at_least(1),
+}
+
+
+def problems(cfg) -> list[str]:
+    """One line per bad option of a TrainConfig."""
+    found = []
+    for name, check in RULES.items():
+        value = getattr(cfg, name, None)
+        expected = check(value)
+        if expected is not None:
+            found.append(f"{flag(name)} must be {expected} (got {value!r})")
+    return found
+
+
+def validate(cfg) -> None:
+    """CapcliError naming every bad option, in one line."""
+    found = problems(cfg)
+    if found:
+        raise CapcliError("invalid training options: " + "; ".join(found))
+
+
+def explicitly_given(cfg) -> set[str]:
+    """The options the user set: `cfg.given` when the CLI filled it, else those not at their default."""
+    if cfg.given is not None:
+        return set(cfg.given)
+    given = set()
+    for f in fields(cfg):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if default is MISSING or getattr(cfg, f.name) != default:
+            given.add(f.name)
+    return given
+
+
+def settings_for_resume(cfg, saved: dict[str, Any]):
+    """`cfg` with the resumed run's own settings; CapcliError if an explicitly given one conflicts."""
+    fixed = [f.name for f in fields(cfg) if f.name not in CHANGEABLE_ON_RESUME and f.name in saved]
+    conflicts = [
+        f"{flag(name)} {getattr(cfg, name)!r} (the run has {saved[name]!r})"
+        for name in fixed
+        if name in explicitly_given(cfg) and getattr(cfg, name) != saved[name]
+    ]
+    if conflicts:
+        raise CapcliError(
+            "--resume continues a run with its own settings, and these options differ: "
+            + "; ".join(conflicts)
+            + ". Drop them, or start a new run with another --out"
+        )
+    return replace(cfg, **{name: saved[name] for name in fixed})
