@@ -145,6 +145,8 @@ SCHEMA: list[tuple[str, Check, bool]] = [
     ("source_checkpoint", _text, False),
     ("source_checkpoint_sha256", _sha256, False),
     ("dataset", _mapping, False),
+    ("quantization", _mapping, False),  # int8 bundles: how, and what the captions lost (capcli.quantize)
+    ("quantization.mode", _one_of("int8"), False),
 ]
 
 _ABSENT = object()
