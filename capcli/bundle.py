@@ -168,6 +168,8 @@ SCHEMA: list[tuple[str, Check, bool]] = [
     ("grid.height", _integer(1, MAX_INPUT_SIZE), False),
     ("grid.width", _integer(1, MAX_INPUT_SIZE), False),
     ("grid.channels", _integer(1), False),
+    ("quantization", _mapping, False),  # int8 bundles: how, and what the captions lost (capcli.quantize)
+    ("quantization.mode", _one_of("int8"), False),
 ]
 
 _ABSENT = object()

@@ -272,14 +272,23 @@ def export(
     images: list[Path] | None = None,
     force: bool = False,
     exporter: str = "dynamo",
+    quantize: str | None = None,
+    calibration: int | None = None,
+    tolerance=None,
 ) -> Path:
-    """Write the bundle for a run (its best checkpoint); returns the bundle folder."""
+    """Write the bundle for a run (its best checkpoint); returns the bundle folder.
+
+    quantize='int8': once the float graphs pass parity, they are replaced by int8 ones (capcli.quantize),
+    calibrated on `calibration` training images and refused beyond `tolerance` (a quantize.Tolerance).
+    """
     from capcli.data.text import Vocabulary
     from capcli.images import load_input
+    from capcli.quantize import check_request
     from capcli.registry import get_backbone
 
     _check_opset(opset)
     check_exporter(exporter)
+    check_request(quantize, calibration)
     ckpt_path = checkpoint.resolve(run)
     out = Path(out) if out is not None else Path("exported") / ckpt_path.resolve().parent.name
     _prepare_out(out, force)
@@ -313,8 +322,15 @@ def export(
                 f"ONNX graphs disagree with PyTorch (encoder {parity['encoder_max_abs_diff']:.2e}, "
                 f"step {parity['step_log_probs_max_abs_diff']:.2e}); bundle not written"
             )
+        quantization = None
+        if quantize:
+            from capcli.quantize import quantize_bundle
+
+            quantization = quantize_bundle(tmp, ckpt, spec.preprocessing, vocab, calibration, tolerance)
         atomic_write_json(tmp / "vocab.json", vocab.to_json())
         manifest = _manifest(tmp, ckpt, ckpt_path, ckpt_sha256, spec, vocab, opset, exporters, parity)
+        if quantization:
+            manifest["quantization"] = quantization
         bundle.validate_manifest(manifest)  # what we write, we can read
         atomic_write_json(tmp / bundle.MANIFEST, manifest)
         _install(tmp, out)

@@ -94,8 +94,9 @@ def load_rgb(path: str | Path) -> Image.Image:
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
-def to_input(img: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Resize the shorter side, centre-crop and normalise: float32 [3, S, S]; ImageError if too costly."""
+def to_pixels(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """Resize the shorter side and centre-crop: uint8 [S, S, 3], the pixels before normalisation;
+    ImageError if too costly."""
     w, h = img.size
     check_size(w, h)
     scale = prep.resize / min(w, h)
@@ -103,19 +104,34 @@ def to_input(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     try:
         img = img.resize((new_w, new_h), _RESAMPLE[prep.interpolation])
         left, top = (new_w - prep.input_size) // 2, (new_h - prep.input_size) // 2
-        img = img.crop((left, top, left + prep.input_size, top + prep.input_size))
-        arr = np.asarray(img, dtype=np.float32) / 255.0
+        return np.asarray(img.crop((left, top, left + prep.input_size, top + prep.input_size)))
     except MemoryError:
         raise ImageError(f"not enough memory to resize this {w}x{h} image to {new_w}x{new_h}") from None
+
+
+def normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """uint8 [S, S, 3] -> float32 [3, S, S], scaled to [0, 1] and normalised with the backbone's mean/std."""
+    arr = pixels.astype(np.float32) / 255.0
     arr = (arr - np.asarray(prep.mean, dtype=np.float32)) / np.asarray(prep.std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def to_input(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """Resize the shorter side, centre-crop and normalise: float32 [3, S, S]; ImageError if too costly."""
+    return normalise(to_pixels(img, prep), prep)
+
+
 def load_input(path: str | Path, prep: Preprocessing) -> np.ndarray:
     """An image file as backbone input; every way it can be unusable is an ImageError naming it."""
+    return normalise(load_pixels(path, prep), prep)
+
+
+def load_pixels(path: str | Path, prep: Preprocessing) -> np.ndarray:
+    """An image file resized and centre-cropped, not yet normalised: uint8 [S, S, 3]; an ImageError naming it
+    when unusable."""
     img = load_rgb(path)
     try:
-        return to_input(img, prep)
+        return to_pixels(img, prep)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None
 

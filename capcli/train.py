@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int | None = None
+    engine: str = "auto"  # feature extraction: auto (ONNX Runtime on CPU, PyTorch on CUDA), torch, onnx
     feature_batch_size: int = 32
     resume: bool = False
     extra: dict = field(default_factory=dict)
@@ -371,7 +372,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
 
     if rank == 0:  # features are extracted once, by one process
         extract(backbone, ds, cfg.weights, cfg.feature_batch_size, cfg.workers, device, show_progress,
-                output=output)
+                output=output, engine=cfg.engine)
     barrier(world)
     cache = load_features(backbone, cfg.weights, ds, output)
     if cache.failed and rank == 0:

@@ -19,7 +19,7 @@ MAX_LAYERS = 16
 MAX_SEED = 2**31 - 1  # the seed also seeds numpy (>= 0) and per-epoch shuffles (seed * 1000 + epoch)
 DECODER_KINDS = ("pooled", "attention")
 # Options that may differ when a run is resumed: how long and where it runs, not what it learns.
-CHANGEABLE_ON_RESUME = frozenset({"epochs", "patience", "device", "workers", "feature_batch_size",
+CHANGEABLE_ON_RESUME = frozenset({"epochs", "patience", "device", "workers", "engine", "feature_batch_size",
                                   "out", "resume", "given", "extra"})
 
 

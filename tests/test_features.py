@@ -372,7 +372,7 @@ import tiny_backbone
 capcli.registry.get_backbone = lambda name: tiny_backbone.tiny
 from capcli.cli.app import main
 sys.argv = ["capcli", "features", "--backbone", "tiny", "--weights", "none", "--dataset", {dataset!r},
-            "--workers", "2", "--batch-size", "4", "--device", "cpu"]
+            "--workers", "2", "--batch-size", "4", "--device", "cpu", "--engine", "torch"]  # its forward sleeps
 main()
 """
 

@@ -21,6 +21,19 @@ def export_cmd(
     force: Annotated[
         bool, typer.Option(help="Replace an existing bundle's files (other files in the folder are kept).")
     ] = False,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: quantize the graphs (encoder statically, decoder dynamically), "
+                                      "judged by captions on validation images against the float bundle.")
+    ] = None,
+    calibration: Annotated[
+        int | None, typer.Option(help="Training images that calibrate the int8 encoder (default 300).")
+    ] = None,
+    min_agreement: Annotated[
+        float, typer.Option(help="int8: % of validation captions that must equal the float bundle's.")
+    ] = 90.0,
+    max_cider_loss: Annotated[
+        float, typer.Option(help="int8: largest CIDEr-D loss allowed, in % of the float bundle's.")
+    ] = 3.0,
 ) -> None:
     """Export a run to an ONNX bundle (encoder + one-step decoder), checked against PyTorch."""
     import json
@@ -28,12 +41,29 @@ def export_cmd(
 
     from capcli.console import shown
     from capcli.export import export
+    from capcli.quantize import Tolerance
 
-    bundle_dir = export(run, out_dir, opset, [Path(p) for p in images] if images else None, force, exporter)
+    bundle_dir = export(run, out_dir, opset, [Path(p) for p in images] if images else None, force, exporter,
+                        quantize, calibration, Tolerance(min_agreement, max_cider_loss))
     meta = json.loads((bundle_dir / "capcli.json").read_text())
     parity, exporters = meta["parity"], meta["exporter"]
     how = ", ".join(f"{graph} {exporters[graph]}" for graph in ("encoder", "decoder"))
     out.print(
         f"bundle {shown(bundle_dir)} ({how} exporter): parity encoder {parity['encoder_max_abs_diff']:.1e}, "
         f"step {parity['step_log_probs_max_abs_diff']:.1e}, greedy captions equal: {parity['greedy_captions_equal']}"
+    )
+    if "quantization" in meta:
+        _print_quantization(meta["quantization"])
+
+
+def _print_quantization(q: dict) -> None:
+    p, tol = q["parity"], q["tolerance"]
+    size = q["graph_bytes"]
+    out.print(
+        f"int8 ({q['calibration_images']} calibration images): graphs {size['int8'] / 2**20:.1f} MiB vs "
+        f"{size['float32'] / 2**20:.1f} MiB float32; on {p['images']} validation images (beam {p['beam_size']}) "
+        f"captions agree {p['agreement_percent']:.1f}% (>= {tol['min_agreement']:g}%), CIDEr-D "
+        f"{p['scores']['int8']['CIDEr-D']:.1f} vs {p['scores']['float32']['CIDEr-D']:.1f} "
+        f"({-p['cider_loss_percent']:+.1f}%, tolerance -{tol['max_cider_loss']:g}%), BLEU-4 "
+        f"{p['scores']['int8']['BLEU-4']:.1f} vs {p['scores']['float32']['BLEU-4']:.1f}"
     )

@@ -11,3 +11,6 @@ BackboneName = Annotated[str, typer.Option("--backbone", help="Backbone plugin n
 DatasetSpec = Annotated[str, typer.Option("--dataset", help="synthetic, flickr8k, flickr30k or a path.")]
 ImagesDir = Annotated[str | None, typer.Option("--images", help="Image folder, when apart from the annotations.")]
 Weights = Annotated[str, typer.Option(help="'imagenet' (download), 'none' (random) or a state-dict path.")]
+Engine = Annotated[
+    str, typer.Option(help="Feature extraction: auto (ONNX Runtime on CPU, PyTorch on CUDA), torch or onnx.")
+]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import BackboneName, DatasetSpec, Device, ImagesDir, Weights
+from capcli.cli.options import BackboneName, DatasetSpec, Device, Engine, ImagesDir, Weights
 from capcli.console import err, out
 from capcli.tables import print_training
 
@@ -22,6 +22,7 @@ def features(
     ] = None,
     device: Device = "auto",
     grid: Annotated[bool, typer.Option("--grid", help="Cache the feature grid (attention decoder) instead.")] = False,
+    engine: Engine = "auto",
 ) -> None:
     """Extract and cache backbone features for a dataset (resumable; a second run is a no-op)."""
     from capcli.data.readers import load_dataset
@@ -31,7 +32,7 @@ def features(
     spec = get_backbone(backbone)
     ds = load_dataset(dataset, images=images)
     _print_notes(ds)
-    cache = extract(spec, ds, weights, batch_size, workers, device, output="grid" if grid else "pooled")
+    cache = extract(spec, ds, weights, batch_size, workers, device, output="grid" if grid else "pooled", engine=engine)
     what = f"{spec.require_grid()} grid" if grid else f"{spec.feature_dim}-d"
     out.print(f"{len(cache.images)} images, {what} float16 features in {cache.path}", markup=False)
     if cache.failed:
@@ -84,11 +85,12 @@ def train(
     out: Annotated[str | None, typer.Option(help="Run directory (default runs/BACKBONE).")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out with its own settings (only --epochs, --patience, "
-                                "--device, --workers may change).")
+                                "--device, --workers, --engine may change).")
     ] = False,
     device: Device = "auto",
     seed: int = 0,
     workers: Annotated[int | None, typer.Option(help="Feature-extraction workers.")] = None,
+    engine: Engine = "auto",
 ) -> None:
     """Train the LSTM caption decoder on cached backbone features (extracted first if needed)."""
     from capcli.errors import CapcliError
@@ -104,7 +106,7 @@ def train(
         threshold=threshold, max_len=max_len, embed_dim=embed_dim, hidden_dim=hidden_dim,
         num_layers=num_layers, dropout=dropout, feature_input=feature_input, decoder=decoder,
         context_dim=context_dim, attention_dim=attention_dim, attention_reg=attention_reg, resume=resume,
-        device=device, seed=seed, workers=workers, given=given,
+        device=device, seed=seed, workers=workers, engine=engine, given=given,
     )
     run_dir = run_training(cfg)
     print_training(run_dir)

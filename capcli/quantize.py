@@ -1,0 +1,273 @@
+"""int8 bundles: the encoder quantized statically, the decoder's matrix products dynamically, judged by captions.
+
+Encoder: QDQ format, int8 weights per output channel, uint8 activations whose ranges are calibrated on images
+of the run's training split (ONNX Runtime fuses the pairs into QLinearConv / QGemm kernels). Decoder: int8
+weights for MatMul/Gemm, activations quantized on the fly (MatMulInteger). Graph inputs and outputs stay
+float32 with the same names and symbolic batch, so captioning and serving use an int8 bundle unchanged.
+
+What a user cares about is the captions, not allclose: a sample of validation images is captioned with the
+float graphs and with the int8 ones; the share of identical captions and the change in BLEU-4 / CIDEr-D go
+into capcli.json, and a bundle that loses more than the tolerance is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from capcli.backbone import Preprocessing
+from capcli.errors import CapcliError
+
+MODES = ("int8",)
+DEFAULT_CALIBRATION = 300  # training images whose activation ranges calibrate the encoder
+DEFAULT_PARITY_IMAGES = 200  # validation images captioned by both bundles
+PARITY_BEAM = 3  # captions are compared as `capcli caption` makes them by default
+CALIBRATION_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an int8 bundle may lose against the float one on the validation sample."""
+
+    min_agreement: float = 90.0  # % of images whose caption is identical
+    max_cider_loss: float = 3.0  # % of the float bundle's CIDEr-D
+
+    def describe(self) -> str:
+        return f"captions agree >= {self.min_agreement:g}%, CIDEr-D loss <= {self.max_cider_loss:g}%"
+
+
+def check_request(mode: str | None, calibration: int | None) -> None:
+    """Bad quantization options end the export before any work."""
+    if mode is not None and mode not in MODES:
+        raise CapcliError(f"unknown quantization '{mode}'; use {', '.join(MODES)}")
+    if calibration is not None and (mode is None or calibration < 1):
+        raise CapcliError("--calibration needs --quantize int8" if mode is None
+                          else f"--calibration needs at least 1 image, got {calibration}")
+
+
+# --- images of the run's dataset --------------------------------------------------------------
+
+
+def run_dataset(ckpt: dict):
+    """The dataset a checkpoint was trained on, split as it was."""
+    from capcli.data.readers import load_dataset
+
+    tc = ckpt["train_config"]
+    try:
+        return load_dataset(tc["dataset"], images=tc.get("images"), seed=tc.get("seed", 0))
+    except CapcliError as exc:
+        raise CapcliError(f"cannot find the run's dataset to quantize with ({exc})") from None
+
+
+def calibration_images(ds, count: int, seed: int = 0) -> list[Path]:
+    """`count` images drawn (seeded) from the training split, readable ones only."""
+    names = [n for n in ds.splits.get("train", []) if ds.image_path(n).is_file()]
+    if not names:
+        raise CapcliError("the run's training split has no images to calibrate the int8 encoder with")
+    random.Random(seed).shuffle(names)
+    return [ds.image_path(n) for n in names[:count]]
+
+
+def parity_sample(ds, count: int) -> list[str]:
+    """The first `count` readable validation images (the test split when there is no validation split)."""
+    split = ds.splits.get("val") or ds.splits.get("test") or []
+    names = [n for n in split if ds.image_path(n).is_file()][:count]
+    if len(names) < 2:
+        raise CapcliError("the run's dataset has too few validation images to judge an int8 bundle")
+    return names
+
+
+# --- quantizing the graphs ----------------------------------------------------------------------
+
+
+class _CalibrationReader:
+    """Feeds preprocessed calibration images to ONNX Runtime's calibrator, a batch at a time."""
+
+    def __init__(self, paths: list[Path], prep: Preprocessing, input_name: str):
+        self.paths, self.prep, self.input_name, self.next = paths, prep, input_name, 0
+
+    def get_next(self) -> dict | None:
+        from capcli.images import ImageError, load_input
+
+        batch = []
+        while self.next < len(self.paths) and len(batch) < CALIBRATION_BATCH:
+            try:
+                batch.append(load_input(self.paths[self.next], self.prep))
+            except ImageError:
+                pass  # an unreadable training image calibrates nothing
+            self.next += 1
+        return {self.input_name: np.stack(batch)} if batch else None
+
+    def rewind(self) -> None:
+        self.next = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self.get_next()
+        if batch is None:
+            raise StopIteration
+        return batch
+
+
+def _preprocessed(src: Path, dst: Path) -> Path:
+    """Shape inference and graph clean-up that ONNX Runtime's quantizer expects before it runs."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(dst))
+    return dst
+
+
+def quantize_encoder(src: Path, dst: Path, images: list[Path], prep: Preprocessing, work: Path) -> None:
+    """Static QDQ quantization: per-channel int8 weights, uint8 activations calibrated (min/max) on `images`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    ready = _preprocessed(src, work / "encoder.pre.onnx")
+    reader = _CalibrationReader(images, prep, "images")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(
+            str(ready), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            calibration_providers=["CPUExecutionProvider"],
+        )
+
+
+def quantize_decoder(src: Path, dst: Path, work: Path) -> None:
+    """Dynamic quantization of the step graph's matrix products: int8 weights, activations per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ready = _preprocessed(src, work / "decoder.pre.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(ready), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+
+
+def _copy_metadata(src: Path, dst: Path) -> None:
+    import onnx
+
+    source = onnx.load(str(src), load_external_data=False)
+    model = onnx.load(str(dst), load_external_data=False)
+    have = {p.key for p in model.metadata_props}
+    for prop in source.metadata_props:
+        if prop.key not in have:
+            model.metadata_props.add(key=prop.key, value=prop.value)
+    onnx.save(model, str(dst))
+
+
+# --- judging by captions ------------------------------------------------------------------------
+
+
+class GraphCaptioner:
+    """A captioner over an encoder and a step graph on ONNX Runtime's CPU provider (see capcli.caption)."""
+
+    state_batch_axes = (1, 1)  # h and c are [layers, batch, hidden]
+
+    def __init__(self, encoder: Path, decoder: Path, vocab, prep: Preprocessing, max_len: int):
+        import onnxruntime as ort
+
+        from capcli.runtime_onnx import OnnxStep
+
+        providers = ["CPUExecutionProvider"]
+        self.encoder = ort.InferenceSession(str(encoder), providers=providers)
+        self.step = OnnxStep(ort.InferenceSession(str(decoder), providers=providers), decoder.name)
+        self.vocab, self.preprocessing, self.max_len = vocab, prep, max_len
+
+    def encode(self, images: np.ndarray):
+        return tuple(self.encoder.run(None, {"images": images.astype(np.float32)}))
+
+
+def caption_sample(captioner, ds, names: list[str]) -> dict[str, str]:
+    from capcli.caption import caption_images
+
+    results = caption_images(captioner, [ds.image_path(n) for n in names], beam_size=PARITY_BEAM, batch_size=16)
+    return {n: r.caption or "" for n, r in zip(names, results, strict=True) if r.error is None}
+
+
+def caption_parity(ds, float_caps: dict[str, str], int8_caps: dict[str, str]) -> dict:
+    """Agreement % and BLEU-4 / CIDEr-D of both bundles' captions against the references."""
+    from capcli.metrics import score_captions
+
+    names = [n for n in float_caps if n in int8_caps]
+    refs = {n: ds.captions[n] for n in names}
+    scores = {}
+    for label, caps in (("float32", float_caps), ("int8", int8_caps)):
+        s = score_captions(refs, {n: caps[n] for n in names}, meteor=False, tokenizer="simple").values
+        scores[label] = {"BLEU-4": s["BLEU-4"], "CIDEr-D": s["CIDEr-D"]}
+    cider_f, cider_q = scores["float32"]["CIDEr-D"], scores["int8"]["CIDEr-D"]
+    return {
+        "images": len(names),
+        "beam_size": PARITY_BEAM,
+        "tokenizer": "simple",
+        "agreement_percent": 100.0 * sum(float_caps[n] == int8_caps[n] for n in names) / len(names),
+        "scores": scores,
+        "cider_loss_percent": 100.0 * (cider_f - cider_q) / cider_f if cider_f > 0 else 0.0,
+        "bleu4_difference": scores["int8"]["BLEU-4"] - scores["float32"]["BLEU-4"],
+    }
+
+
+def verdict(parity: dict, tolerance: Tolerance) -> str | None:
+    """Why the int8 bundle is refused, or None when it is within tolerance."""
+    agreement, loss = parity["agreement_percent"], parity["cider_loss_percent"]
+    if agreement >= tolerance.min_agreement and loss <= tolerance.max_cider_loss:
+        return None
+    s = parity["scores"]
+    return (
+        f"the int8 bundle loses too much on {parity['images']} validation images: captions agree {agreement:.1f}%, "
+        f"CIDEr-D {s['int8']['CIDEr-D']:.1f} vs {s['float32']['CIDEr-D']:.1f} float ({-loss:+.1f}%); "
+        f"tolerance: {tolerance.describe()}; bundle not written"
+    )
+
+
+# --- the whole step -----------------------------------------------------------------------------
+
+
+def quantize_bundle(folder: Path, ckpt: dict, prep: Preprocessing, vocab, calibration: int | None = None,
+                    tolerance: Tolerance | None = None, parity_images: int = DEFAULT_PARITY_IMAGES) -> dict:
+    """Replace the float graphs in `folder` (a bundle being written) by int8 ones; returns the figures for
+    capcli.json. Raises CapcliError, leaving `folder` as it was, when the int8 captions lose too much."""
+    calibration = calibration or DEFAULT_CALIBRATION
+    tolerance = tolerance or Tolerance()
+    ds = run_dataset(ckpt)
+    images = calibration_images(ds, calibration, seed=int(ckpt["train_config"].get("seed", 0)))
+    sample = parity_sample(ds, parity_images)
+    max_len = int(ckpt["max_len"])
+    work = folder / ".int8"
+    work.mkdir()
+    try:
+        enc, dec = folder / "encoder.onnx", folder / "decoder.onnx"
+        quantize_encoder(enc, work / "encoder.onnx", images, prep, work)
+        quantize_decoder(dec, work / "decoder.onnx", work)
+        for name in ("encoder.onnx", "decoder.onnx"):  # the stamp naming the model and vocabulary, as before
+            _copy_metadata(folder / name, work / name)
+        float_caps = caption_sample(GraphCaptioner(enc, dec, vocab, prep, max_len), ds, sample)
+        int8_caps = caption_sample(GraphCaptioner(work / "encoder.onnx", work / "decoder.onnx", vocab, prep, max_len),
+                                   ds, sample)
+        parity = caption_parity(ds, float_caps, int8_caps)
+        refusal = verdict(parity, tolerance)
+        if refusal:
+            raise CapcliError(refusal)
+        sizes = {"float32": enc.stat().st_size + dec.stat().st_size}
+        os.replace(work / "encoder.onnx", enc)
+        os.replace(work / "decoder.onnx", dec)
+        sizes["int8"] = enc.stat().st_size + dec.stat().st_size
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "mode": "int8",
+        "encoder": "static, QDQ, per-channel int8 weights, uint8 activations (min/max calibration)",
+        "decoder": "dynamic, int8 MatMul/Gemm weights",
+        "calibration_images": len(images),
+        "calibration_split": "train",
+        "graph_bytes": sizes,
+        "parity": parity,
+        "tolerance": asdict(tolerance),
+    }
