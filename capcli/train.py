@@ -27,7 +27,7 @@ from capcli.errors import CapcliError
 from capcli.model import DecoderConfig
 from capcli.paths import atomic_write_json, atomic_write_text
 
-DEFAULT_DECODER = "attention"  # better on every measured figure (benchmarks/bench_decoders.py)
+DEFAULT_DECODER = "pooled"  # until benchmarks/bench_decoders.py shows the attention decoder better on the synthetic set
 
 
 @dataclass
