@@ -68,25 +68,28 @@ def test_item9_json_and_html_keep_stdout_pure_json(env, images, tmp_path):
     assert f"report: {html}" in result.stderr and html.is_file()
 
 
-def test_item9_large_batches_are_encoded_in_bounded_chunks(env, images):
+def test_item9_large_batches_are_encoded_in_bounded_chunks(env, images, monkeypatch):
+    import capcli.caption
+
     captioner = open_captioner(env["bundle"], "onnx", provider="cpu")
     encoded, stepped = [], []
-    encode, step = captioner.encode, captioner.step
+    start_batch, step = capcli.caption.start_batch, captioner.step
 
-    def spy_encode(batch):
+    def spy_start(captioner, batch):
         encoded.append(len(batch))
-        return encode(batch)
+        return start_batch(captioner, batch)
 
     def spy_step(tokens, state):
         stepped.append(len(tokens))
         return step(tokens, state)
 
-    captioner.encode, captioner.step = spy_encode, spy_step
+    monkeypatch.setattr(capcli.caption, "start_batch", spy_start)
+    captioner.step = spy_step
     paths = images[: 2 * ENCODE_CHUNK + 3]
     big = caption_images(captioner, paths, beam_size=1, batch_size=1000)
     assert max(encoded) <= ENCODE_CHUNK and sum(encoded) == len(paths)
     assert max(stepped) == len(paths), "the whole batch is still decoded together"
-    captioner.encode, captioner.step = encode, step
+    captioner.step = step
     one = caption_images(captioner, paths, beam_size=1, batch_size=1)
     assert [r.caption for r in big] == [r.caption for r in one]
     assert [r.score for r in big] == pytest.approx([r.score for r in one], abs=1e-5)
