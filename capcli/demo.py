@@ -35,7 +35,7 @@ def run_demo(n_images: int = 10_000, epochs: int = 15, bundle: str = "exported/d
     from capcli.tables import print_scores
     from capcli.train import TrainConfig, train
 
-    timings = {}
+    timings, started = {}, time.perf_counter()
     t = _step("1/5 synthetic dataset")
     data_dir = default_synthetic(n_images=n_images, seed=0)
     ds = load_dataset(str(data_dir), seed=0)
@@ -65,7 +65,8 @@ def run_demo(n_images: int = 10_000, epochs: int = 15, bundle: str = "exported/d
     t = _step("5/5 caption and evaluate with ONNX Runtime (beam 3)")
     captioner = open_captioner(bundle, runtime="onnx", provider="cpu")
     names = ds.splits["test"][:show]
-    results = caption_images(captioner, [ds.image_path(n) for n in names], beam_size=3)
+    with_attention = captioner.grid is not None  # the report draws its word-by-word heatmaps
+    results = caption_images(captioner, [ds.image_path(n) for n in names], beam_size=3, attention=with_attention)
     table = Table(title="test images, ONNX Runtime, beam 3")
     for col in ("image", "generated", "a reference"):
         table.add_column(col)
@@ -77,6 +78,11 @@ def run_demo(n_images: int = 10_000, epochs: int = 15, bundle: str = "exported/d
     print_scores(report)
     rows = [{"image": str(ds.image_path(c["image"])), "caption": c["caption"], "references": c["references"]}
             for c in report["captions"][:48]]
+    maps = {r.image: r for r in results if r.attention is not None}
+    for row in rows:
+        if row["image"] in maps:  # the same beam-3 caption, with the attention it was predicted with
+            r = maps[row["image"]]
+            row.update(caption=r.caption, attention=r.attention, grid=r.grid, preprocessing=captioner.preprocessing)
     truth = report["colour_shape_correct"] or {}
     note = (f"{report['images']} test images, ONNX Runtime, beam 3, tokenizer {report['tokenizer']}. "
             f"Main object colour+shape right: {truth.get('main_object', float('nan')):.1f}%; "
@@ -85,5 +91,6 @@ def run_demo(n_images: int = 10_000, epochs: int = 15, bundle: str = "exported/d
                       scores=report["scores"], note=note)
     timings["caption_eval_s"] = time.perf_counter() - t
     out.print(f"HTML report: {html}")
+    timings["total_s"] = time.perf_counter() - started
     out.print("timings: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items()))
     return {"report": report, "timings": timings}

@@ -126,6 +126,30 @@ def test_hypotheses_with_attention_pass_through_as_json():
         "a cat", "a dog"]
 
 
+def test_an_attention_bundle_answers_each_words_weights_over_its_grid(tiny_attention_run, tmp_path):
+    from capcli.export import export
+
+    bundle = export(tiny_attention_run, tmp_path / "attention")
+    captioner = open_captioner(bundle, "onnx", provider="cpu")
+    want = caption_images(captioner, PHOTOS[:1], beam_size=3, attention=True)[0]
+    with TestClient(create_app(bundle, provider="cpu", settings=SETTINGS)) as attention_client:
+        response = post_photo(attention_client.post, PHOTOS[0], beam_size=3, n_best=2)
+        grid = attention_client.get("/v1/model").json()["manifest"]["grid"]
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert result["caption"] == want.caption
+    positions = grid["height"] * grid["width"]
+    # one map per caption word (and one for the end token when the caption ended before max_len), each a
+    # distribution over the grid
+    words = [w for w, _ in want.attention]
+    assert words in (want.caption.split(), want.caption.split() + ["<end>"])
+    assert len(result["attention"]) == len(words)
+    for got, (_word, alpha) in zip(result["attention"], want.attention, strict=True):
+        assert len(got) == positions and sum(got) == pytest.approx(1.0, abs=1e-3)
+        np.testing.assert_allclose(got, alpha, atol=1e-4)
+    assert all(len(a["attention"]) - len(a["caption"].split()) in (0, 1) for a in result["alternatives"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the micro-batcher, with a stand-in model whose "caption" of an image is the image's id
 

@@ -67,6 +67,7 @@ function showResult(card, result, timings) {
 function gridShape(positions) {
   const m = (model && model.manifest) || {};
   const grid = (m.attention && m.attention.grid) || m.grid;
+  if (grid && grid.height && grid.width) return [grid.height, grid.width];
   if (Array.isArray(grid) && grid.length >= 2) return grid.slice(-2);
   const side = Math.round(Math.sqrt(positions));
   return side * side === positions ? [side, side] : [1, positions];
