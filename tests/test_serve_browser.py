@@ -89,3 +89,53 @@ def test_upload_a_photo_and_see_the_pipelines_caption(browser, exported_tiny, tm
         assert browser.save_screenshot(str(shot))
     with capsys.disabled():
         print(f"\nscreenshot of the web page: {shot}")
+
+
+@pytest.fixture(scope="module")
+def attention_bundle(tiny_attention_run, tmp_path_factory):
+    from capcli.export import export
+
+    return export(tiny_attention_run, tmp_path_factory.mktemp("exported") / "attention")
+
+
+def test_an_attention_bundle_shows_a_heatmap_per_word_on_the_page(browser, attention_bundle):
+    photo = PHOTOS[0]
+    want = caption_images(open_captioner(attention_bundle, "onnx", provider="cpu"), [photo], beam_size=3,
+                          attention=True)[0]
+    with running_server(attention_bundle) as (url, _proc):
+        browser.get(url)
+        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text.strip())
+        browser.find_element(By.ID, "files").send_keys(str(photo))
+        WebDriverWait(browser, 120).until(lambda d: len(_finished_cards(d)) == 1)
+        card = _finished_cards(browser)[0]
+        assert card.find_element(By.CSS_SELECTOR, ".caption").text == want.caption
+        WebDriverWait(browser, 30).until(lambda d: card.find_elements(By.CSS_SELECTOR, ".attention canvas"))
+        labels = [f.text for f in card.find_elements(By.CSS_SELECTOR, ".attention figcaption")]
+        assert labels == [w for w, _ in want.attention]
+        ARTEFACTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(ARTEFACTS / "serve-page-attention.png"))
+
+
+def test_caption_html_heatmaps_render_in_a_browser(browser, attention_bundle, tmp_path, capsys):
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    page = tmp_path / "out.html"
+    result = CliRunner().invoke(app, ["caption", *map(str, PHOTOS[:2]), "--model", str(attention_bundle),
+                                      "--runtime", "onnx", "--attention", "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    want = caption_images(open_captioner(attention_bundle, "onnx", provider="cpu"), PHOTOS[:2], beam_size=3,
+                          attention=True)
+    browser.get(page.as_uri())
+    figures = browser.find_elements(By.CSS_SELECTOR, ".attention figure:not(.view)")
+    assert [f.text for f in figures] == [w for r in want for w, _ in r.attention]
+    # every heatmap is a real picture the browser decoded, not a broken image
+    sizes = browser.execute_script(
+        "return [...document.querySelectorAll('.attention img')].map(i => [i.complete, i.naturalWidth])")
+    assert sizes and all(done and width > 0 for done, width in sizes)
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTEFACTS / "caption-attention-report.png"
+    assert browser.save_screenshot(str(shot))
+    with capsys.disabled():
+        print(f"\nscreenshot of the attention report: {shot}")
