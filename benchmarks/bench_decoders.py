@@ -3,7 +3,9 @@
 Both decoders are trained with the demo's settings on efficientnet_lite0 features (pooled vector vs 7x7 grid),
 exported, and evaluated with ONNX Runtime, beam 3, on the test split. The last two accuracy columns are
 checkable truth from the generator: the main object's colour+shape, and every colour+shape pair the caption names.
-Decode time is beam 3 on a batch of test images, beside the encoder's time for the same batch.
+Decode time is beam 3 on a batch of test images, beside the encoder's time for the same batch; training
+s/epoch and tokens/s are medians over epochs (robust to a shared machine). With --work, an interrupted run
+resumes.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ def train_and_export(kind: str, data: Path, work: Path, args) -> tuple[Path, Pat
     from capcli.export import export
     from capcli.train import TrainConfig, train
 
+    out = work / f"run-{kind}"
+    resume = (out / "last.pt").is_file()  # an interrupted benchmark with --work goes on where it stopped
     run = train(TrainConfig(backbone="efficientnet_lite0", dataset=str(data), weights="imagenet",
-                            out=str(work / f"run-{kind}"), epochs=args.epochs, batch_size=64, hidden_dim=256,
-                            embed_dim=128, patience=3, decoder=kind, device="cpu", seed=args.seed),
+                            out=str(out), epochs=args.epochs, batch_size=64, hidden_dim=256, embed_dim=128,
+                            patience=3, decoder=kind, device="cpu", seed=args.seed, resume=resume),
                 show_progress=False)
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return run, export(run, work / f"bundle-{kind}", force=True), history
@@ -87,8 +91,8 @@ def main() -> None:
                 "BLEU-4": report["scores"]["BLEU-4"], "CIDEr-D": report["scores"]["CIDEr-D"],
                 "main %": truth.get("main_object", float("nan")), "every %": truth.get("all_named", float("nan")),
                 "decode ms/img": decode / args.batch * 1e3, "decode/enc": decode / encode,
-                "train s/epoch": float(np.mean([h["epoch_seconds"] for h in history])),
-                "tokens/s": float(np.mean([h["tokens_per_s"] for h in history])),
+                "train s/epoch": float(np.median([h["epoch_seconds"] for h in history])),
+                "tokens/s": float(np.median([h["tokens_per_s"] for h in history])),
                 "epochs": len(history), "total s": train_s,
             }
         print(f"synthetic set of {args.images} images, test split {report['images']} images, ONNX Runtime, "
