@@ -288,7 +288,7 @@ def export(
 
     _check_opset(opset)
     check_exporter(exporter)
-    check_request(quantize, calibration)
+    check_request(quantize, calibration, tolerance)
     ckpt_path = checkpoint.resolve(run)
     out = Path(out) if out is not None else Path("exported") / ckpt_path.resolve().parent.name
     _prepare_out(out, force)

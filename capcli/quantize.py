@@ -4,6 +4,8 @@ Encoder: QDQ format, int8 weights per output channel, uint8 activations whose ra
 of the run's training split (ONNX Runtime fuses the pairs into QLinearConv / QGemm kernels). Decoder: int8
 weights for MatMul/Gemm, activations quantized on the fly (MatMulInteger). Graph inputs and outputs stay
 float32 with the same names and symbolic batch, so captioning and serving use an int8 bundle unchanged.
+Dynamic quantization takes one activation scale per tensor, i.e. over the whole batch being decoded: an int8
+decoder's words can depend on which other images (and beams) share its batch, which a float one's do not.
 
 What a user cares about is the captions, not allclose: a sample of validation images is captioned with the
 float graphs and with the int8 ones; the share of identical captions and the change in BLEU-4 / CIDEr-D go
@@ -12,6 +14,9 @@ into capcli.json, and a bundle that loses more than the tolerance is refused.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import random
 import shutil
@@ -27,7 +32,8 @@ from capcli.errors import CapcliError
 MODES = ("int8",)
 DEFAULT_CALIBRATION = 300  # training images whose activation ranges calibrate the encoder
 DEFAULT_PARITY_IMAGES = 200  # validation images captioned by both bundles
-PARITY_BEAM = 3  # captions are compared as `capcli caption` makes them by default
+PARITY_BEAM = 3  # captions are compared as `capcli caption` makes them by default:
+PARITY_BATCH = 8  # beam 3, 8 images decoded together (the int8 decoder's rounding depends on the batch, below)
 CALIBRATION_BATCH = 8
 
 
@@ -42,10 +48,12 @@ class Tolerance:
         return f"captions agree >= {self.min_agreement:g}%, CIDEr-D loss <= {self.max_cider_loss:g}%"
 
 
-def check_request(mode: str | None, calibration: int | None) -> None:
+def check_request(mode: str | None, calibration: int | None, tolerance: Tolerance | None = None) -> None:
     """Bad quantization options end the export before any work."""
     if mode is not None and mode not in MODES:
         raise CapcliError(f"unknown quantization '{mode}'; use {', '.join(MODES)}")
+    if tolerance is not None and mode is None:
+        raise CapcliError("--min-agreement and --max-cider-loss need --quantize int8")
     if calibration is not None and (mode is None or calibration < 1):
         raise CapcliError("--calibration needs --quantize int8" if mode is None
                           else f"--calibration needs at least 1 image, got {calibration}")
@@ -91,21 +99,26 @@ class _CalibrationReader:
 
     def __init__(self, paths: list[Path], prep: Preprocessing, input_name: str):
         self.paths, self.prep, self.input_name, self.next = paths, prep, input_name, 0
+        self.read = 0
 
     def get_next(self) -> dict | None:
         from capcli.images import ImageError, load_input
 
-        batch = []
+        batch, problem = [], None
         while self.next < len(self.paths) and len(batch) < CALIBRATION_BATCH:
             try:
                 batch.append(load_input(self.paths[self.next], self.prep))
-            except ImageError:
-                pass  # an unreadable training image calibrates nothing
+            except ImageError as exc:
+                problem = problem or exc  # an unreadable training image calibrates nothing
             self.next += 1
+        self.read += len(batch)
+        if not batch and not self.read:
+            raise CapcliError(f"none of the {len(self.paths)} calibration images of the training split could be "
+                              f"read (e.g. {problem}); bundle not written")
         return {self.input_name: np.stack(batch)} if batch else None
 
     def rewind(self) -> None:
-        self.next = 0
+        self.next = self.read = 0
 
     def __iter__(self):
         return self
@@ -117,11 +130,26 @@ class _CalibrationReader:
         return batch
 
 
+@contextlib.contextmanager
+def _quiet():
+    """The quantizer's warnings, log lines (on the root logger) and prints are about ONNX Runtime's internals,
+    e.g. a per-channel axis that a 1-D weight lacks (it is then quantized per tensor)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(before)
+
+
 def _preprocessed(src: Path, dst: Path) -> Path:
     """Shape inference and graph clean-up that ONNX Runtime's quantizer expects before it runs."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(src), str(dst))
+    with _quiet():
+        quant_pre_process(str(src), str(dst))
     return dst
 
 
@@ -131,8 +159,7 @@ def quantize_encoder(src: Path, dst: Path, images: list[Path], prep: Preprocessi
 
     ready = _preprocessed(src, work / "encoder.pre.onnx")
     reader = _CalibrationReader(images, prep, "images")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         quantize_static(
             str(ready), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -146,8 +173,7 @@ def quantize_decoder(src: Path, dst: Path, work: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ready = _preprocessed(src, work / "decoder.pre.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         quantize_dynamic(str(ready), str(dst), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
 
 
@@ -167,28 +193,41 @@ def _copy_metadata(src: Path, dst: Path) -> None:
 
 
 class GraphCaptioner:
-    """A captioner over an encoder and a step graph on ONNX Runtime's CPU provider (see capcli.caption)."""
+    """A captioner over an encoder and a step graph on ONNX Runtime's CPU provider (see capcli.caption).
+
+    `context` names the encoder outputs an attention step also reads (empty for a pooled decoder)."""
 
     state_batch_axes = (1, 1)  # h and c are [layers, batch, hidden]
+    grid = None  # attention maps are not compared
 
-    def __init__(self, encoder: Path, decoder: Path, vocab, prep: Preprocessing, max_len: int):
+    def __init__(self, encoder: Path, decoder: Path, vocab, prep: Preprocessing, max_len: int,
+                 context: tuple[str, ...] = ()):
         import onnxruntime as ort
 
         from capcli.runtime_onnx import OnnxStep
 
         providers = ["CPUExecutionProvider"]
         self.encoder = ort.InferenceSession(str(encoder), providers=providers)
-        self.step = OnnxStep(ort.InferenceSession(str(decoder), providers=providers), decoder.name)
+        self.output_names = [o.name for o in self.encoder.get_outputs()]
+        self.context_names = tuple(context)
+        self.step = OnnxStep(ort.InferenceSession(str(decoder), providers=providers), decoder.name,
+                             self.context_names)
         self.vocab, self.preprocessing, self.max_len = vocab, prep, max_len
 
+    def start(self, images: np.ndarray):
+        outputs = dict(zip(self.output_names, self.encoder.run(None, {"images": images.astype(np.float32)}),
+                           strict=True))
+        return (outputs["h0"], outputs["c0"]), tuple(outputs[n] for n in self.context_names)
+
     def encode(self, images: np.ndarray):
-        return tuple(self.encoder.run(None, {"images": images.astype(np.float32)}))
+        return self.start(images)[0]
 
 
 def caption_sample(captioner, ds, names: list[str]) -> dict[str, str]:
     from capcli.caption import caption_images
 
-    results = caption_images(captioner, [ds.image_path(n) for n in names], beam_size=PARITY_BEAM, batch_size=16)
+    results = caption_images(captioner, [ds.image_path(n) for n in names], beam_size=PARITY_BEAM,
+                             batch_size=PARITY_BATCH)
     return {n: r.caption or "" for n, r in zip(names, results, strict=True) if r.error is None}
 
 
@@ -222,12 +261,32 @@ def verdict(parity: dict, tolerance: Tolerance) -> str | None:
     s = parity["scores"]
     return (
         f"the int8 bundle loses too much on {parity['images']} validation images: captions agree {agreement:.1f}%, "
-        f"CIDEr-D {s['int8']['CIDEr-D']:.1f} vs {s['float32']['CIDEr-D']:.1f} float ({-loss:+.1f}%); "
+        f"CIDEr-D {s['int8']['CIDEr-D']:.1f} vs {s['float32']['CIDEr-D']:.1f} float ({0.0 - loss:+.1f}%); "
         f"tolerance: {tolerance.describe()}; bundle not written"
     )
 
 
 # --- the whole step -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quantizer_errors(name: str):
+    """The quantizer's own failures (a graph it cannot handle, no readable calibration image) as one line."""
+    try:
+        yield
+    except (OSError, CapcliError):
+        raise
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        raise CapcliError(f"cannot quantize {name}: {type(exc).__name__}: {lines[0][:200] if lines else ''}; "
+                          "bundle not written") from None
+
+
+def _graph_names(ckpt: dict):
+    from capcli import decoders
+    from capcli.export import GRAPHS
+
+    return GRAPHS[decoders.kind_of(ckpt)]
 
 
 def quantize_bundle(folder: Path, ckpt: dict, prep: Preprocessing, vocab, calibration: int | None = None,
@@ -240,17 +299,20 @@ def quantize_bundle(folder: Path, ckpt: dict, prep: Preprocessing, vocab, calibr
     images = calibration_images(ds, calibration, seed=int(ckpt["train_config"].get("seed", 0)))
     sample = parity_sample(ds, parity_images)
     max_len = int(ckpt["max_len"])
+    context = _graph_names(ckpt).context
     work = folder / ".int8"
     work.mkdir()
     try:
         enc, dec = folder / "encoder.onnx", folder / "decoder.onnx"
-        quantize_encoder(enc, work / "encoder.onnx", images, prep, work)
-        quantize_decoder(dec, work / "decoder.onnx", work)
+        with _quantizer_errors("encoder.onnx"):
+            quantize_encoder(enc, work / "encoder.onnx", images, prep, work)
+        with _quantizer_errors("decoder.onnx"):
+            quantize_decoder(dec, work / "decoder.onnx", work)
         for name in ("encoder.onnx", "decoder.onnx"):  # the stamp naming the model and vocabulary, as before
             _copy_metadata(folder / name, work / name)
-        float_caps = caption_sample(GraphCaptioner(enc, dec, vocab, prep, max_len), ds, sample)
-        int8_caps = caption_sample(GraphCaptioner(work / "encoder.onnx", work / "decoder.onnx", vocab, prep, max_len),
-                                   ds, sample)
+        float_caps = caption_sample(GraphCaptioner(enc, dec, vocab, prep, max_len, context), ds, sample)
+        int8_caps = caption_sample(
+            GraphCaptioner(work / "encoder.onnx", work / "decoder.onnx", vocab, prep, max_len, context), ds, sample)
         parity = caption_parity(ds, float_caps, int8_caps)
         refusal = verdict(parity, tolerance)
         if refusal:

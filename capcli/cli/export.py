@@ -29,11 +29,13 @@ def export_cmd(
         int | None, typer.Option(help="Training images that calibrate the int8 encoder (default 300).")
     ] = None,
     min_agreement: Annotated[
-        float, typer.Option(help="int8: % of validation captions that must equal the float bundle's.")
-    ] = 90.0,
+        float | None, typer.Option(min=0, max=100, help="int8: % of validation captions that must equal the "
+                                                        "float bundle's (default 90).")
+    ] = None,
     max_cider_loss: Annotated[
-        float, typer.Option(help="int8: largest CIDEr-D loss allowed, in % of the float bundle's.")
-    ] = 3.0,
+        float | None, typer.Option(min=0, help="int8: largest CIDEr-D loss allowed, in % of the float bundle's "
+                                               "(default 3).")
+    ] = None,
 ) -> None:
     """Export a run to an ONNX bundle (encoder + one-step decoder), checked against PyTorch."""
     import json
@@ -43,8 +45,13 @@ def export_cmd(
     from capcli.export import export
     from capcli.quantize import Tolerance
 
+    tolerance = None
+    if min_agreement is not None or max_cider_loss is not None:
+        default = Tolerance()
+        tolerance = Tolerance(default.min_agreement if min_agreement is None else min_agreement,
+                              default.max_cider_loss if max_cider_loss is None else max_cider_loss)
     bundle_dir = export(run, out_dir, opset, [Path(p) for p in images] if images else None, force, exporter,
-                        quantize, calibration, Tolerance(min_agreement, max_cider_loss))
+                        quantize, calibration, tolerance)
     meta = json.loads((bundle_dir / "capcli.json").read_text())
     parity, exporters = meta["parity"], meta["exporter"]
     how = ", ".join(f"{graph} {exporters[graph]}" for graph in ("encoder", "decoder"))
@@ -61,9 +68,10 @@ def _print_quantization(q: dict) -> None:
     size = q["graph_bytes"]
     out.print(
         f"int8 ({q['calibration_images']} calibration images): graphs {size['int8'] / 2**20:.1f} MiB vs "
-        f"{size['float32'] / 2**20:.1f} MiB float32; on {p['images']} validation images (beam {p['beam_size']}) "
+        f"{size['float32'] / 2**20:.1f} MiB float32 ({size['int8'] / size['float32']:.0%}); "
+        f"on {p['images']} validation images (beam {p['beam_size']}) "
         f"captions agree {p['agreement_percent']:.1f}% (>= {tol['min_agreement']:g}%), CIDEr-D "
         f"{p['scores']['int8']['CIDEr-D']:.1f} vs {p['scores']['float32']['CIDEr-D']:.1f} "
-        f"({-p['cider_loss_percent']:+.1f}%, tolerance -{tol['max_cider_loss']:g}%), BLEU-4 "
+        f"({0.0 - p['cider_loss_percent']:+.1f}%, tolerance -{tol['max_cider_loss']:g}%), BLEU-4 "
         f"{p['scores']['int8']['BLEU-4']:.1f} vs {p['scores']['float32']['BLEU-4']:.1f}"
     )
