@@ -336,6 +336,23 @@ def _default_workers(device: str) -> int:
     return min(8, cpus) if device.startswith("cuda") else max(1, cpus // 2)
 
 
+F16_MAX = float(np.finfo(np.float16).max)
+
+
+def to_float16(out: np.ndarray, what: str, weights: str, warned: list) -> np.ndarray:
+    """Features as cached: float16, saturated rather than inf where a backbone exceeds its range (random
+    weights can: a resnet152 with --weights none does), which is said once per extraction."""
+    if not np.isfinite(out).all():
+        raise CapcliError(f"{what} (weights {weights}) gave non-finite features: the backbone's weights are broken")
+    if not warned and np.abs(out).max() > F16_MAX:
+        from capcli.console import err
+
+        err.print(f"note: {what} features (weights {weights}) exceed float16's range and are saturated in the "
+                  f"cache; trained weights stay far below it", markup=False)
+        warned.append(True)
+    return np.clip(out, -F16_MAX, F16_MAX).astype(np.float16)
+
+
 def extract(
     backbone: Backbone,
     dataset,
@@ -400,7 +417,7 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
         what = f"{backbone.name} grid" if output == "grid" else backbone.name
         task = bar.add_task(f"features {what} ({engine})", total=n_images, info="")
         bar.update(task, completed=n_images - len(pending))
-        start, seen = time.perf_counter(), 0
+        start, seen, warned = time.perf_counter(), 0, []
         for n_batch, (rows, batch, failed, stats) in enumerate(loader):
             out = None
             if batch is not None:
@@ -409,7 +426,7 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
                 out = model(batch)
                 if output == "grid":  # [B, C, H, W] -> [B, P, C], P = H*W row-major
                     out = out.reshape(out.shape[0], out.shape[1], -1).transpose(0, 2, 1)
-                out = out.astype(np.float16)
+                out = to_float16(out, what, weights, warned)
             with _cache_writes(path, needed):
                 _commit(path, state, rows, out, failed, stats)
             seen += len(rows) + len(failed)

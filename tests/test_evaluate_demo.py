@@ -81,8 +81,13 @@ def test_demo_runs_end_to_end_offline(tmp_path, monkeypatch):
     assert "BLEU-4" in result.stdout and "main object colour+shape right" in result.stdout
     evaluation = json.loads(Path("runs/demo/evaluation-test.json").read_text())
     assert evaluation["beam_size"] == 3 and evaluation["runtime"] == "onnx"
+    report = Path("runs/demo/report.html").read_text()
+    assert report.count('<div class="attention">') >= 1 and "7x7 grid" in report  # the demo's attention maps
+    assert "timings:" in result.stdout and "total" in result.stdout
     again = CliRunner().invoke(app, ["demo", "--images", "120", "--epochs", "2"])  # re-running is safe
     assert again.exit_code == 0, again.output
+    other = CliRunner().invoke(app, ["demo", "--images", "120", "--epochs", "2", "--decoder", "pooled"])
+    assert other.exit_code == 1 and "holds an earlier demo run of the attention decoder" in other.output
 
 
 # --- issue 9 item 8: evaluate does not mislead ----------------------------------------------------------------

@@ -427,3 +427,20 @@ def test_bad_extraction_options_are_one_error_line(small_synthetic):
         assert result.exit_code == 1 and "Traceback" not in result.output
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith(f"error: {args[0]} must be"), result.stderr
+
+
+def test_features_beyond_float16_are_saturated_with_one_note_and_nan_is_an_error(capsys):
+    import numpy as np
+
+    from capcli.errors import CapcliError
+    from capcli.features import F16_MAX, to_float16
+
+    warned: list = []
+    big = np.array([[1e6, -1e6, 0.5]], np.float32)
+    out = to_float16(big, "resnet152", "none", warned)
+    assert out.dtype == np.float16 and np.isfinite(out).all()
+    assert out.tolist() == [[F16_MAX, -F16_MAX, 0.5]]
+    to_float16(big, "resnet152", "none", warned)
+    assert capsys.readouterr().err.count("exceed float16's range") == 1
+    with pytest.raises(CapcliError, match="non-finite features"):
+        to_float16(np.array([[np.nan]], np.float32), "resnet152", "none", [])

@@ -99,7 +99,7 @@ def _cfg(small_synthetic, out, **changes) -> TrainConfig:
     """The tiny_run settings (its features are cached), with changes."""
     settings = dict(backbone="efficientnet_lite0", dataset=str(small_synthetic), weights="imagenet", out=str(out),
                     epochs=2, batch_size=32, embed_dim=32, hidden_dim=64, threshold=2, val_sample=20, device="cpu",
-                    workers=0)
+                    workers=0, decoder="pooled")
     return TrainConfig(**{**settings, **changes})
 
 

@@ -6,14 +6,19 @@ from typing import Annotated
 
 import typer
 
+from capcli.demo import DECODER, EPOCHS, IMAGES
+
 
 def demo(
-    images: Annotated[int, typer.Option(help="Synthetic images to generate.")] = 10_000,
-    epochs: Annotated[int, typer.Option(help="Training epochs (early stopping may end sooner).")] = 15,
+    images: Annotated[int, typer.Option(min=100, help="Synthetic images to generate.")] = IMAGES,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")] = EPOCHS,
+    decoder: Annotated[str, typer.Option(help="attention (with heatmaps in the report) or pooled.")] = DECODER,
     out_dir: Annotated[str, typer.Option("--out", help="Bundle folder.")] = "exported/demo",
     run_dir: Annotated[str, typer.Option("--run", help="Run directory.")] = "runs/demo",
 ) -> None:
     """Offline end to end: synthetic data, efficientnet_lite0 features, train, export, caption, evaluate."""
+    from capcli.decoders import check_kind
     from capcli.demo import run_demo
 
-    run_demo(n_images=images, epochs=epochs, bundle=out_dir, run=run_dir)
+    check_kind(decoder)
+    run_demo(n_images=images, epochs=epochs, bundle=out_dir, run=run_dir, decoder=decoder)
