@@ -90,7 +90,7 @@ def main() -> None:
             rows[kind] = {
                 "BLEU-4": report["scores"]["BLEU-4"], "CIDEr-D": report["scores"]["CIDEr-D"],
                 "main %": truth.get("main_object", float("nan")), "every %": truth.get("all_named", float("nan")),
-                "decode ms/img": decode / args.batch * 1e3, "decode/enc": decode / encode,
+                "decode ms/img": decode / args.batch * 1e3, "decode/enc %": 100 * decode / encode,
                 "train s/epoch": float(np.median([h["epoch_seconds"] for h in history])),
                 "tokens/s": float(np.median([h["tokens_per_s"] for h in history])),
                 "epochs": len(history), "total s": train_s,
