@@ -216,7 +216,7 @@ def beam_search(
     The B images' K beams are one batch of B*K rows for the step. A beam that emits <end> moves to its
     image's pool and its slot is masked to -inf, so an image keeps searching with K minus its finished
     count (beam width 1 is therefore greedy). When no beam of an image ends within max_len, its best
-    unfinished beams are returned with finished=False. Context arrays follow the state's rows.
+    unfinished beams are returned with finished=False. Context arrays are repeated once per beam.
     """
     _check(max_len, beam_size=beam_size, n_best=n_best)
     if n_best > beam_size:
@@ -245,7 +245,8 @@ def beam_search(
         images = np.arange(b)[:, None]
         rows = (images * k + new_parent).ravel()
         state = tuple(s[:, rows] for s in state)
-        context = tuple(x[rows] for x in context)
+        # Context needs no re-indexing: a beam's parent is a beam of the same image, and an image's K context
+        # rows are K copies of one (np.repeat above), so x[rows] would equal x at the cost of copying the grid.
         seqs = np.concatenate([seqs[images, new_parent], new_token[..., None]], axis=2)
         if alpha is not None:
             chosen = alpha.reshape(b, k, -1)[images, new_parent]  # what each new token was predicted with
