@@ -75,17 +75,19 @@ def test_rank_batches_are_disjoint_and_equal_in_number():
     assert not seen[0] & seen[1] and len(seen[0]) == len(seen[1]) == 51
 
 
-def test_two_process_gloo_training_keeps_ranks_in_agreement(tiny_run, small_synthetic, tmp_path):
-    # tiny_run has already cached the features, so rank 0 does not extract again.
+@pytest.mark.parametrize("decoder", ["pooled", "attention"])
+def test_two_process_gloo_training_keeps_ranks_in_agreement(tiny_run, small_synthetic, tmp_path, decoder):
+    # Rank 0 extracts what is not cached yet (tiny_run cached the pooled features); the other rank waits.
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "capcli", "train", "--backbone", "efficientnet_lite0", "--dataset", str(small_synthetic),
            "--epochs", "2", "--batch-size", "16", "--embed-dim", "16", "--hidden-dim", "32", "--threshold", "2",
-           "--device", "cpu", "--out", str(out)]
+           "--device", "cpu", "--out", str(out), "--decoder", decoder, "--context-dim", "16", "--attention-dim", "16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["train"]["decoder"] == decoder
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2
     for h in history:
