@@ -70,10 +70,12 @@ def decode_hypotheses(captioner, state, beam_size: int, n_best: int = 1, max_len
 
 
 def decode_states(captioner, state, beam_size: int, n_best: int = 1, max_len: int | None = None,
-                  sampling: Sampling | None = None, context=()):
-    """Initial states (and per-image context) of a batch -> per image, a list of (caption, score) best first."""
+                  sampling: Sampling | None = None, context=(), attention: bool = False):
+    """Initial states (and per-image context) of a batch -> per image, a list of (caption, score) best first;
+    with `attention` (attention decoders), (caption, score, weights over the grid of each token [T, H*W])."""
     decoded = decode_hypotheses(captioner, state, beam_size, n_best, max_len, sampling, context)
-    return [[(captioner.vocab.decode(h.tokens), float(h.score)) for h in per_image] for per_image in decoded]
+    return [[(captioner.vocab.decode(h.tokens), float(h.score), *((h.attention,) if attention else ()))
+             for h in per_image] for per_image in decoded]
 
 
 def start_batch(captioner, images: np.ndarray):

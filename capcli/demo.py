@@ -46,6 +46,7 @@ def run_demo(n_images: int = IMAGES, epochs: int = EPOCHS, bundle: str = "export
              show: int = 6, decoder: str = DECODER) -> dict:
     from rich.table import Table
 
+    from capcli import decoders
     from capcli.caption import caption_images, open_captioner
     from capcli.data.readers import load_dataset
     from capcli.data.synthetic import default_synthetic
@@ -57,6 +58,7 @@ def run_demo(n_images: int = IMAGES, epochs: int = EPOCHS, bundle: str = "export
     from capcli.tables import print_scores
     from capcli.train import TrainConfig, train
 
+    decoders.check_kind(decoder)
     timings, started = {}, time.perf_counter()
     t = _step("1/5 synthetic dataset")
     data_dir = default_synthetic(n_images=n_images, seed=0)
@@ -66,7 +68,7 @@ def run_demo(n_images: int = IMAGES, epochs: int = EPOCHS, bundle: str = "export
 
     t = _step(f"2/5 {BACKBONE} features")
     spec = get_backbone(BACKBONE)
-    output = "grid" if decoder == "attention" else "pooled"
+    output = decoders.feature_output(decoder)
     extract(spec, ds, "imagenet", batch_size=32, engine="auto", output=output)  # ONNX Runtime on a CPU
     timings["features_s"] = time.perf_counter() - t
 

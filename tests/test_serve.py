@@ -165,8 +165,8 @@ class _IdCaptioner:
 
 @pytest.fixture
 def id_batcher(monkeypatch):
-    def decode(_captioner, state, beam_size, n_best=1, sampling=None, context=()):
-        assert len(context) == 0  # a pooled stand-in has no per-image context
+    def decode(_captioner, state, beam_size, n_best=1, sampling=None, context=(), attention=False):
+        assert len(context) == 0 and not attention  # a pooled stand-in has no per-image context
         tag = "sampled" if sampling else f"beam{beam_size}"
         return [[(f"{tag}:{int(v)}", float(v))] for v in state]
 

@@ -17,8 +17,6 @@ def demo(
     run_dir: Annotated[str, typer.Option("--run", help="Run directory.")] = "runs/demo",
 ) -> None:
     """Offline end to end: synthetic data, efficientnet_lite0 features, train, export, caption, evaluate."""
-    from capcli.decoders import check_kind
     from capcli.demo import run_demo
 
-    check_kind(decoder)
     run_demo(n_images=images, epochs=epochs, bundle=out_dir, run=run_dir, decoder=decoder)

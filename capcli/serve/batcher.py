@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from capcli.caption import Sampling, decode_hypotheses, decode_states, start_batch
+from capcli.caption import Sampling, decode_states, start_batch
 from capcli.errors import CapcliError
 
 
@@ -71,6 +71,7 @@ class MicroBatcher:
 
     def __init__(self, captioner, max_batch: int = 16, max_wait: float = 0.005, max_queued: int = 256):
         self.captioner, self.max_batch, self.max_wait, self.max_queued = captioner, max_batch, max_wait, max_queued
+        self.with_attention = getattr(captioner, "grid", None) is not None  # attention bundles answer their maps
         self._queue: queue.Queue = queue.Queue()
         self._queued_images = 0
         self._lock = threading.Lock()
@@ -134,7 +135,9 @@ class MicroBatcher:
                 t0 = time.perf_counter()
                 state, context = start_batch(self.captioner, chunk)  # context: attention bundles
                 t1 = time.perf_counter()
-                hypotheses += decode_chunk(self.captioner, state, context, options)
+                hypotheses += decode_states(self.captioner, state, options.beam_size, options.n_best,
+                                            sampling=options.sampling(), context=context,
+                                            attention=self.with_attention)
                 encode_s, decode_s = encode_s + t1 - t0, decode_s + time.perf_counter() - t1
         except Exception as exc:  # the server must outlive any failure of one batch
             for job in jobs:
@@ -149,18 +152,6 @@ class MicroBatcher:
             timings = {"queue": (started - job.queued_at) * 1e3, "encode": encode_s * 1e3, "decode": decode_s * 1e3}
             job.future.set_result(Captioned(hypotheses[offset : offset + n], timings, len(images)))
             offset += n
-
-
-def decode_chunk(captioner, state, context, options: DecodeOptions) -> list[list[tuple]]:
-    """Per image, its (caption, score) hypotheses best first; an attention bundle's also carry the weights
-    over the grid each token (the end token included) was predicted with, [T, H*W]."""
-    if getattr(captioner, "grid", None) is None:
-        return decode_states(captioner, state, options.beam_size, options.n_best, sampling=options.sampling(),
-                             context=context)
-    decoded = decode_hypotheses(captioner, state, options.beam_size, options.n_best, sampling=options.sampling(),
-                                context=context)
-    return [[(captioner.vocab.decode(h.tokens), float(h.score), h.attention) for h in per_image]
-            for per_image in decoded]
 
 
 def _groups(jobs: list[_Job]) -> Iterator[list[_Job]]:
