@@ -274,18 +274,25 @@ def _check_answers(answers, truth) -> None:
 
 def test_load_16_clients_all_answers_right_and_memory_bounded(server, truth):
     url, proc = server
-    clients, per_client = 16, 6
+    clients, per_client, rounds = 16, 6, 2
     plans = [[PHOTOS[(c + i) % len(PHOTOS)] for i in range(per_client)] for c in range(clients)]
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        warm = [a for answers in pool.map(lambda plan: _caption_loop(url, plan[:2]), plans) for a in answers]
-        _check_answers(warm, truth)
+        def load_round():
+            answers = [a for answers in pool.map(lambda plan: _caption_loop(url, plan), plans) for a in answers]
+            assert len(answers) == clients * per_client
+            _check_answers(answers, truth)
+            return answers
+
+        # The first round under full load sizes ONNX Runtime's arena and the allocator's per-thread pools for the
+        # largest batches; a leak shows as growth across the rounds after it.
+        answers = load_round()
         after_warm_up = rss_mb(proc.pid)
-        answers = [a for answers in pool.map(lambda plan: _caption_loop(url, plan), plans) for a in answers]
-    assert len(answers) == clients * per_client
-    _check_answers(answers, truth)
+        for _ in range(rounds):
+            answers += load_round()
     assert max(body["batch_images"] for _, _, body in answers) > 1, "concurrent requests were never batched"
     grown = rss_mb(proc.pid) - after_warm_up
-    assert grown < 100, f"server memory grew {grown:.0f} MB over {len(answers)} requests"
+    measured = rounds * clients * per_client
+    assert grown < 50, f"server memory grew {grown:.0f} MB over {measured} requests after a warm-up round"
     assert proc.poll() is None
 
 
