@@ -107,21 +107,35 @@ class AttentionDecoder(nn.Module):
 
         `rows` [N] says which grid each caption belongs to (default: one grid per caption), so an image
         with several captions in a batch is encoded once. Padding sits at the end of each row and the
-        recurrence is causal, so real positions never see it; loss and regularisation mask it.
+        recurrence is causal, so real positions never see it: captions run longest first and each step
+        computes only those not yet ended (as packed sequences do), which skips the padding's share of
+        the work. Padded positions come back as zeros; loss and regularisation mask them.
         """
+        n, steps = tokens.shape
+        lengths = (tokens != self.cfg.pad_id).sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        running = (lengths.unsqueeze(0) > torch.arange(steps, device=tokens.device).unsqueeze(1)).sum(1).tolist()
         context, projection, h, c = self.encode(grid)
-        if rows is not None:
-            # index_select, not [rows]: its backward (index_add) sums repeated rows in a fixed order on CPU,
-            # where advanced indexing's accumulate is multithreaded and makes runs differ.
-            context, projection = context.index_select(0, rows), projection.index_select(0, rows)
-            h, c = h.index_select(1, rows), c.index_select(1, rows)
-        embedded = self.dropout(self.embed(tokens))
-        hidden, alphas = [], []
-        for t in range(tokens.shape[1]):
-            top, h, c, alpha = self.step(embedded[:, t], h, c, context, projection)
+        # index_select, not [rows]: its backward (index_add) sums repeated rows in a fixed order on CPU,
+        # where advanced indexing's accumulate is multithreaded and makes runs differ.
+        rows = order if rows is None else rows.index_select(0, order)
+        context, projection = context.index_select(0, rows), projection.index_select(0, rows)
+        h, c = h.index_select(1, rows), c.index_select(1, rows)
+        embedded = self.dropout(self.embed(tokens.index_select(0, order)))
+        hidden, alphas, positions = [], [], []
+        for t, m in enumerate(running):
+            if m == 0:
+                break
+            top, h, c, alpha = self.step(embedded[:m, t], h[:, :m], c[:, :m], context[:m], projection[:m])
             hidden.append(top)
             alphas.append(alpha)
-        return self.out(self.dropout(torch.stack(hidden, dim=1))), torch.stack(alphas, dim=1)
+            positions.append(order[:m] * steps + t)
+        where = torch.cat(positions)
+        logits = self.out(self.dropout(torch.cat(hidden)))
+        logits = logits.new_zeros(n * steps, logits.shape[-1]).index_copy(0, where, logits)
+        alpha = torch.cat(alphas)
+        alpha = alpha.new_zeros(n * steps, alpha.shape[-1]).index_copy(0, where, alpha)
+        return logits.view(n, steps, -1), alpha.view(n, steps, -1)
 
 
 def doubly_stochastic(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,10 @@ def decoder(layers: int = 1, **cfg) -> AttentionDecoder:
 @pytest.mark.parametrize("layers", [1, 2])
 def test_step_equals_teacher_forced_forward(layers):
     model = decoder(layers)
-    grid, tokens = torch.randn(3, 9, 12), torch.randint(0, 30, (3, 7))
+    grid, tokens = torch.randn(4, 9, 12), torch.randint(1, 30, (4, 7))
+    lengths = torch.tensor([4, 7, 1, 6])  # unsorted: teacher forcing runs them longest first and puts them back
+    real = torch.arange(7) < lengths.unsqueeze(1)
+    tokens[~real] = 0
     with torch.no_grad():
         logits, alphas = model(grid, tokens)
         full = torch.log_softmax(logits, -1)
@@ -36,9 +39,11 @@ def test_step_equals_teacher_forced_forward(layers):
             lp, h, c, alpha = step(tokens[:, t], h, c, context, projection)
             stepped.append(lp)
             weights.append(alpha)
-    assert torch.allclose(torch.stack(stepped, 1), full, atol=1e-5)
-    assert torch.allclose(torch.stack(weights, 1), alphas, atol=1e-6)
-    assert alphas.shape == (3, 7, 9) and torch.allclose(alphas.sum(-1), torch.ones(3, 7), atol=1e-5)
+    stepped, weights = torch.stack(stepped, 1), torch.stack(weights, 1)
+    assert torch.allclose(stepped[real], full[real], atol=1e-5)
+    assert torch.allclose(weights[real], alphas[real], atol=1e-6)
+    assert alphas.shape == (4, 7, 9) and torch.allclose(alphas.sum(-1), real.float(), atol=1e-5)
+    assert not logits[~real].any(), "padded positions are left at zero"
 
 
 def test_rows_share_one_encoding_per_image():
