@@ -29,7 +29,8 @@ def train_and_export(kind: str, data: Path, work: Path, args) -> tuple[Path, Pat
     resume = (out / "last.pt").is_file()  # an interrupted benchmark with --work goes on where it stopped
     run = train(TrainConfig(backbone="efficientnet_lite0", dataset=str(data), weights="imagenet",
                             out=str(out), epochs=args.epochs, batch_size=64, hidden_dim=256, embed_dim=128,
-                            patience=3, decoder=kind, device="cpu", seed=args.seed, resume=resume),
+                            patience=3, decoder=kind, device="cpu", seed=args.seed, resume=resume,
+                            **({} if args.dropout is None else {"dropout": args.dropout})),
                 show_progress=False)
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return run, export(run, work / f"bundle-{kind}", force=True), history
@@ -50,13 +51,14 @@ def decode_timing(bundle: Path, images: list[Path], beam: int, reps: int) -> tup
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--images", type=int, default=10_000, help="synthetic images (the demo's 10,000)")
+    ap.add_argument("--images", type=int, default=10_000, help="synthetic images")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--decoders", default="pooled,attention")
     ap.add_argument("--beam", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8, help="images per batch for the decode timing")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dropout", type=float, help="decoder dropout (default: capcli train's)")
     ap.add_argument("--work", help="keep runs and bundles here (default: a temporary folder)")
     args = ap.parse_args()
 

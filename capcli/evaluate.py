@@ -70,8 +70,11 @@ def evaluate(
     out: str | Path | None = None,
     show_progress: bool = True,
     allow_missing: bool = False,
+    meteor: bool | None = None,
 ) -> dict:
     """Caption `split` of the dataset and score it; writes captions and scores to `out` (JSON).
+
+    meteor: as `capcli.metrics.score_captions` (None: when java is present).
 
     Every image of the split (or the first `limit`) must be captioned: missing images stop it before any
     captioning, unreadable ones after the report is written, unless `allow_missing` (then the rest is
@@ -113,7 +116,7 @@ def evaluate(
     failed = {by_path[r.image]: r.error for r in results if r.error is not None}
     if not candidates:
         raise CapcliError(f"no image of the {split} split could be captioned")
-    scores = score_captions({n: ds.captions[n] for n in candidates}, candidates)
+    scores = score_captions({n: ds.captions[n] for n in candidates}, candidates, meteor=meteor)
     report = {
         "model": str(model), "runtime": runtime, "dataset": ds.name, "split": split, "beam_size": beam_size,
         "images": len(candidates), "split_images": len(ds.splits[split]), "limit": limit,
