@@ -387,20 +387,30 @@ class _SigintDisposition:
         return int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
 
 
-def test_item11_loader_workers_ignore_ctrl_c():
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """SIGINT as a foreground terminal delivers it, also when the tests were started with it ignored (nohup, &)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # for a child's preexec_fn: Python's own handler
+    signal.signal(signal.SIGINT, before)
+
+
+def test_item11_loader_workers_ignore_ctrl_c(ctrl_c_as_in_a_terminal):
     loader = features.image_loader(_SigintDisposition(), batch_size=1, workers=2, device="cpu",
                                    collate_fn=lambda items: items[0])
     assert list(loader) == [1, 1]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process keeps Ctrl-C
 
 
-def test_item11_ctrl_c_during_features_is_one_line_and_resumes(small_synthetic, tmp_path, monkeypatch):
+def test_item11_ctrl_c_during_features_is_one_line_and_resumes(small_synthetic, tmp_path, monkeypatch,
+                                                             ctrl_c_as_in_a_terminal):
     monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "cache"))
     ds = load_dataset(str(small_synthetic))
     done_file = features.cache_dir(tiny, "none", ds) / "done.npy"
     script = CLI_SCRIPT.format(tests=str(TESTS), dataset=str(small_synthetic))
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TINY_BACKBONE_DELAY": "0.2"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     deadline = time.time() + 60
     while time.time() < deadline and not (done_file.exists() and np.load(done_file).sum() >= 8):
         time.sleep(0.05)
