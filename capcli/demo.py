@@ -13,7 +13,7 @@ BACKBONE = "efficientnet_lite0"  # its ImageNet weights ship in a pip package: w
 # The attention decoder is right more often than the pooled one on every checkable figure
 # (benchmarks/bench_decoders.py), and its report shows where it looked for each word.
 DECODER = "attention"
-# Sized for under four minutes on a 2-core CPU: the attention decoder's captions beat the pooled decoder's after
+# Sized for a few minutes on a 2-core CPU: the attention decoder's captions beat the pooled decoder's after
 # 15 epochs on 10,000 images already with 6 epochs on 5,000 (and half its attention and context sizes).
 IMAGES = 5_000
 EPOCHS = 6
