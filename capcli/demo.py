@@ -14,9 +14,9 @@ BACKBONE = "efficientnet_lite0"  # its ImageNet weights ship in a pip package: w
 # (benchmarks/bench_decoders.py), and its report shows where it looked for each word.
 DECODER = "attention"
 # Sized for a few minutes on a 2-core CPU: the attention decoder's captions beat the pooled decoder's after
-# 15 epochs on 10,000 images already with 6 epochs on 5,000 (and half its attention and context sizes).
+# 15 epochs on 10,000 images already with 4 epochs on 5,000 (and half its attention and context sizes).
 IMAGES = 5_000
-EPOCHS = 6
+EPOCHS = 4
 
 
 def _step(title: str) -> float:

@@ -81,7 +81,7 @@ def test_item2_decoder_from_another_model_with_its_sha256_updated_is_refused(
     rehash(copy)
     with pytest.raises(CapcliError, match=expected):
         open_captioner(copy, "onnx", provider="cpu")
-    image = sorted((small_synthetic / "Images").glob("*.png"))[0]
+    image = sorted((small_synthetic / "Images").glob("*.jpg"))[0]
     assert "decoder.onnx" in one_line_cli_error(copy, image, "--provider", "cpu")
 
 
@@ -191,14 +191,14 @@ def test_item2_a_manifest_that_is_not_an_object_is_one_error(copy, text, small_s
     (copy / bundle.MANIFEST).write_bytes(text.encode("latin-1"))
     with pytest.raises(bundle.ManifestError):
         open_captioner(copy, "onnx", provider="cpu")
-    image = sorted((small_synthetic / "Images").glob("*.png"))[0]
+    image = sorted((small_synthetic / "Images").glob("*.jpg"))[0]
     assert "capcli.json" in one_line_cli_error(copy, image)
 
 
 def test_item2_torch_runtime_verifies_the_source_checkpoint(env, copy, tmp_path, small_synthetic):
     import torch
 
-    image = sorted((small_synthetic / "Images").glob("*.png"))[0]
+    image = sorted((small_synthetic / "Images").glob("*.jpg"))[0]
     assert open_captioner(copy, "torch").checkpoint["backbone"] == "tiny"  # the untouched source: accepted
     retrained = tmp_path / "retrained.pt"
     ckpt = torch.load(env["run"] / "best.pt", weights_only=True)

@@ -24,7 +24,7 @@ def env(tmp_path_factory, small_synthetic):
 
 @pytest.fixture(scope="module")
 def images(small_synthetic) -> list[Path]:
-    return sorted((small_synthetic / "Images").glob("*.png"))
+    return sorted((small_synthetic / "Images").glob("*.jpg"))
 
 
 def run(*args: str):

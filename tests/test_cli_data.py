@@ -47,11 +47,11 @@ def test_synth_writes_a_set_and_may_replace_it(cli, tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
     assert "images/s" in result.stderr
-    assert len(list((out / "Images").glob("*.png"))) == 12
+    assert len(list((out / "Images").glob("*.jpg"))) == 12
     assert (out / "objects.json").is_file()
     again = run(cli, "synth", str(out), "--images", "6")
     assert again.exit_code == 0, again.output
-    assert len(list((out / "Images").glob("*.png"))) == 6
+    assert len(list((out / "Images").glob("*.jpg"))) == 6
 
 
 def test_synth_refuses_a_folder_that_is_not_a_synthetic_set(cli, tmp_path: Path):

@@ -65,7 +65,7 @@ def test_evaluate_unknown_split_is_one_clear_line(bundle):
 
 
 def test_caption_html_report(bundle, small_synthetic, tmp_path):
-    image = sorted((small_synthetic / "Images").glob("*.png"))[0]
+    image = sorted((small_synthetic / "Images").glob("*.jpg"))[0]
     html = tmp_path / "r.html"
     result = CliRunner().invoke(app, ["caption", str(image), "--model", str(bundle), "--html", str(html)])
     assert result.exit_code == 0, result.output

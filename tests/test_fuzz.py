@@ -78,7 +78,7 @@ def world(tmp_path_factory, small_synthetic):
         shutil.copytree(small_synthetic, inputs / "data")
         shutil.copytree(made["bundle"], inputs / "bundle")
         shutil.copytree(made["run"], inputs / "run")
-        _make_inputs(inputs / "images", sorted((small_synthetic / "Images").glob("*.png"))[0])
+        _make_inputs(inputs / "images", sorted((small_synthetic / "Images").glob("*.jpg"))[0])
         (inputs / "garbage_run").mkdir()
         (inputs / "garbage_run" / "best.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
         yield inputs

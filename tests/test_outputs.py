@@ -151,7 +151,7 @@ def test_item6_a_folder_of_other_files_needs_force_and_keeps_them(env, tmp_path)
 def test_item10_output_under_a_file_is_one_line(env, tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    image = str(sorted((env["data"] / "Images").glob("*.png"))[0])
+    image = str(sorted((env["data"] / "Images").glob("*.jpg"))[0])
     for args in (["export", str(env["run"]), "--out", str(a_file / "b")],
                  ["export", str(env["run"]), "--out", str(a_file)],
                  ["evaluate", str(env["bundle"]), "--out", str(a_file / "e.json")],
@@ -162,7 +162,7 @@ def test_item10_output_under_a_file_is_one_line(env, tmp_path):
 
 
 def test_item10_output_naming_a_folder_is_one_line(env, tmp_path):
-    image = str(sorted((env["data"] / "Images").glob("*.png"))[0])
+    image = str(sorted((env["data"] / "Images").glob("*.jpg"))[0])
     for args in (["evaluate", str(env["bundle"]), "--out", str(tmp_path)],
                  ["caption", image, "--model", str(env["bundle"]), "--html", str(tmp_path)]):
         assert "is a folder; name a file" in one_line_error(invoke(*args))
@@ -171,7 +171,7 @@ def test_item10_output_naming_a_folder_is_one_line(env, tmp_path):
 def test_item10_read_only_folders_are_one_line_before_any_work(env, tmp_path, monkeypatch):
     import capcli.caption
 
-    image = str(sorted((env["data"] / "Images").glob("*.png"))[0])
+    image = str(sorted((env["data"] / "Images").glob("*.jpg"))[0])
     ro = tmp_path / "ro"
     ro.mkdir()
 

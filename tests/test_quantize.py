@@ -296,3 +296,45 @@ def test_out_of_range_tolerances_are_usage_errors(env, options, tmp_path):
     assert result.exit_code == 2, result.output
     assert options[0] in _one_error_line(result)
     assert not (tmp_path / "b").exists()
+
+
+def _conv(name: str, inputs: list[str], group: int = 1) -> onnx.NodeProto:
+    return onnx.helper.make_node("Conv", inputs, [name + "_out"], name=name, group=group)
+
+
+@pytest.mark.parametrize(("groups", "kept"), [
+    ((1, 8, 1, 1), ["stem", "c1"]),   # a MobileNet-style stem: the convs up to the first depthwise one
+    ((8, 1, 1, 1), ["stem"]),
+    ((1, 1, 1, 1), []),               # vgg16, resnet152, inceptionv3: no depthwise conv
+    ((1, 1, 1, 8), []),               # a depthwise conv deep in the net is not part of a stem
+])
+def test_float_stem_keeps_the_convs_up_to_a_first_depthwise_one(groups, kept):
+    from capcli.quantize import float_stem
+
+    names = ["stem", "c1", "c2", "c3"]
+    nodes = [_conv(n, ["x" if i == 0 else names[i - 1] + "_out", n + "_w"], g)
+             for i, (n, g) in enumerate(zip(names, groups, strict=True))]
+    assert float_stem(onnx.helper.make_graph(nodes, "g", [], [])) == kept
+
+
+def test_int8_encoder_keeps_a_depthwise_stem_float_and_quantizes_the_rest(tmp_path, small_synthetic):
+    import torch
+    from torch import nn
+
+    from capcli.backbone import Preprocessing
+    from capcli.quantize import quantize_encoder
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU6(), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU6(),
+                        nn.Conv2d(8, 16, 1), nn.ReLU6(), nn.Conv2d(16, 16, 3)).eval()
+    src = tmp_path / "encoder.onnx"
+    torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(src), input_names=["images"], output_names=["out"],
+                      dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+    images = sorted((small_synthetic / "Images").glob("*.jpg"))[:16]
+    kept = quantize_encoder(src, tmp_path / "int8.onnx", images, Preprocessing(input_size=32, resize=36), tmp_path)
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    produced_by = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    weight_is_int8 = [getattr(produced_by.get(c.input[1]), "op_type", None) == "DequantizeLinear" for c in convs]
+    assert len(kept) == 2 and [c.name for c in convs[:2]] == kept
+    assert weight_is_int8 == [False, False, True, True]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import re
 import time
 from pathlib import Path
@@ -64,6 +65,18 @@ def test_layout_reads_as_a_kaggle_dataset(small_set: Path):
     assert len(ds.images) == 60 and all(len(c) == 5 for c in ds.captions.values())
     img = load_rgb(ds.image_path(ds.images[0]))
     assert img.size == (224, 224)
+
+
+def test_pixels_carry_a_cameras_noise_around_the_drawn_colours(small_set: Path):
+    # A model trained on perfectly flat images is thrown off by noise it never saw (int8 encoders, photos).
+    import numpy as np
+
+    meta = json.loads((small_set / "objects.json").read_text())
+    for name in sorted(meta["images"])[:10]:
+        pixels = np.asarray(load_rgb(small_set / "Images" / name), dtype=np.float32)
+        corner = pixels[:12, :12].reshape(-1, 3)  # background: objects keep clear of the borders
+        assert np.all(np.abs(corner.mean(axis=0) - np.median(corner, axis=0)) < 2)
+        assert np.all((1.5 < corner.std(axis=0)) & (corner.std(axis=0) < 4.5)), corner.std(axis=0)
 
 
 def test_every_caption_is_true_of_its_image(small_set: Path):
@@ -146,11 +159,11 @@ def test_load_objects_errors(tmp_path: Path):
 def test_default_synthetic_is_made_once_in_the_cache(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path))
     path = default_synthetic(n_images=12, seed=2)
-    assert path == tmp_path / "datasets" / "synthetic-v2-s2-n12"
+    assert path == tmp_path / "datasets" / "synthetic-v3-s2-n12"
     stamp = (path / "objects.json").stat().st_mtime_ns
     assert default_synthetic(n_images=12, seed=2) == path
     assert (path / "objects.json").stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in path.parent.iterdir()) == ["synthetic-v2-s2-n12"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["synthetic-v3-s2-n12"]
 
 
 def test_interrupted_generation_leaves_no_half_dataset(tmp_path: Path, monkeypatch):
@@ -177,7 +190,7 @@ def test_load_dataset_synthetic_name(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(synthetic, "DEFAULT_IMAGES", 30)  # the real default takes a few seconds
     ds = load_dataset("synthetic")
     assert ds.name == "synthetic" and ds.format == "kaggle" and len(ds.images) == 30
-    assert ds.annotation == tmp_path / "datasets" / "synthetic-v2-s0-n30" / "captions.txt"
+    assert ds.annotation == tmp_path / "datasets" / "synthetic-v3-s0-n30" / "captions.txt"
     assert len(load_objects(ds.annotation.parent)) == 30
 
 

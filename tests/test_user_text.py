@@ -30,7 +30,7 @@ def env(tmp_path_factory, small_synthetic):
 @pytest.fixture
 def hostile_folder(tmp_path, small_synthetic, monkeypatch) -> Path:
     """The hostile names as real images, in the current folder (short relative paths, as users type them)."""
-    source = sorted((small_synthetic / "Images").glob("*.png"))[0]
+    source = sorted((small_synthetic / "Images").glob("*.jpg"))[0]
     for name in HOSTILE:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)  # "[/b].jpg" is b].jpg in a folder "["
         shutil.copy(source, tmp_path / name)
