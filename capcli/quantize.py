@@ -157,7 +157,7 @@ def _preprocessed(src: Path, dst: Path) -> Path:
 
 def float_stem(graph) -> list[str]:
     """The convs kept float32: in a MobileNet-style stem (EfficientNet-Lite, MobileNet), those up to and
-    including the first depthwise conv. Measured on the demo's efficientnet_lite0 run (200 validation images,
+    including the first depthwise conv. Measured on a demo run of efficientnet_lite0 (200 validation images,
     encoder int8, decoder float): captions agree with the float bundle's 63 % of the time with every conv
     quantized, 89.5 % with these two float (CIDEr-D -6.6 % vs -0.5 %); they are ~4 % of its multiply-adds.
     Backbones without depthwise convs (vgg16, resnet152, inceptionv3) keep none."""
