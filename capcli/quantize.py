@@ -2,11 +2,11 @@
 
 Encoder: QDQ format, int8 weights per output channel, uint8 activations whose ranges are calibrated on images
 of the run's training split (ONNX Runtime fuses the pairs into QLinearConv / QGemm kernels); a MobileNet-style
-stem stays float32 (`float_stem`). Decoder: int8
-weights for MatMul/Gemm, activations quantized on the fly (MatMulInteger). Graph inputs and outputs stay
-float32 with the same names and symbolic batch, so captioning and serving use an int8 bundle unchanged.
-Dynamic quantization takes one activation scale per tensor, i.e. over the whole batch being decoded: an int8
-decoder's words can depend on which other images (and beams) share its batch, which a float one's do not.
+stem stays float32 (`float_stem`). Decoder: int8 weights for MatMul/Gemm, activations quantized on the fly
+(MatMulInteger). Graph inputs and outputs stay float32 with the same names and symbolic batch, so captioning and
+serving use an int8 bundle unchanged. Dynamic quantization takes one activation scale per tensor, i.e. over the
+whole batch being decoded: an int8 decoder's words can depend on which other images (and beams) share its batch,
+which a float one's do not.
 
 What a user cares about is the captions, not allclose: a sample of validation images is captioned with the
 float graphs and with the int8 ones; the share of identical captions and the change in BLEU-4 / CIDEr-D go
