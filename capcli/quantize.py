@@ -2,7 +2,8 @@
 
 Encoder: QDQ format, int8 weights per output channel, uint8 activations whose ranges are calibrated on images
 of the run's training split (ONNX Runtime fuses the pairs into QLinearConv / QGemm kernels); a MobileNet-style
-stem stays float32 (`float_stem`). Decoder: int8 weights for MatMul/Gemm, activations quantized on the fly
+stem stays float32 (`float_stem`) and 3x3 box-filter pools become depthwise convs
+(`box_filters_as_convs`). Decoder: int8 weights for MatMul/Gemm, activations quantized on the fly
 (MatMulInteger). Graph inputs and outputs stay float32 with the same names and symbolic batch, so captioning and
 serving use an int8 bundle unchanged. Dynamic quantization takes one activation scale per tensor, i.e. over the
 whole batch being decoded: an int8 decoder's words can depend on which other images (and beams) share its batch,
@@ -168,14 +169,60 @@ def float_stem(graph) -> list[str]:
     return []
 
 
-def quantize_encoder(src: Path, dst: Path, images: list[Path], prep: Preprocessing, work: Path) -> list[str]:
+def box_filters_as_convs(model) -> int:
+    """Rewrite 3x3 stride-1 average pools that count their zero padding (inceptionv3's branch pools) as the
+    depthwise convs they equal (weights 1/9), in place; returns how many. ONNX Runtime's int8 kernel for such a
+    pool (QLinearAveragePool) took 39 % of inceptionv3's int8 encoder time, while an int8 depthwise conv is one
+    of its fast kernels: 1.83x -> 2.66x over float32 on one measured batch of 8. Pools whose channel count shape
+    inference did not record are left as they are."""
+    from onnx import helper, numpy_helper
+
+    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input)}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        channels = _box_filter_channels(node, known)
+        if channels is None:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.from_array(np.full((channels, 1, 3, 3), 1 / 9, np.float32), node.name + "_box")
+        model.graph.initializer.append(weight)
+        nodes.append(helper.make_node("Conv", [node.input[0], weight.name], list(node.output),
+                                      name=node.name + "_as_conv", group=channels, kernel_shape=[3, 3],
+                                      pads=[1, 1, 1, 1], strides=[1, 1]))
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
+
+
+def _box_filter_channels(node, known: dict) -> int | None:
+    from onnx import helper
+
+    if node.op_type != "AveragePool":
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if (list(attrs.get("kernel_shape", [])) != [3, 3] or list(attrs.get("strides", [1, 1])) != [1, 1]
+            or list(attrs.get("pads", [0, 0, 0, 0])) != [1, 1, 1, 1] or attrs.get("count_include_pad", 0) != 1
+            or attrs.get("ceil_mode", 0) != 0 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+        return None
+    value = known.get(node.input[0])
+    dims = value.type.tensor_type.shape.dim if value is not None else []
+    return dims[1].dim_value if len(dims) == 4 and dims[1].dim_value > 0 else None
+
+
+def quantize_encoder(src: Path, dst: Path, images: list[Path], prep: Preprocessing, work: Path) -> dict:
     """Static QDQ quantization: per-channel int8 weights, uint8 activations calibrated (min/max) on `images`;
-    returns the convs kept float32 (`float_stem`)."""
+    returns what was kept float32 (`float_stem`) and how many pools became convs (`box_filters_as_convs`)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     ready = _preprocessed(src, work / "encoder.pre.onnx")
-    kept_float = float_stem(onnx.load(str(ready), load_external_data=False).graph)
+    model = onnx.load(str(ready))
+    kept_float = float_stem(model.graph)
+    pools = box_filters_as_convs(model)
+    if pools:
+        onnx.save(model, str(ready))
+    del model
     reader = _CalibrationReader(images, prep, "images")
     with _quiet():
         quantize_static(
@@ -184,7 +231,7 @@ def quantize_encoder(src: Path, dst: Path, images: list[Path], prep: Preprocessi
             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=kept_float,
             calibration_providers=["CPUExecutionProvider"],
         )
-    return kept_float
+    return {"float_convs": kept_float, "pools_as_convs": pools}
 
 
 def quantize_decoder(src: Path, dst: Path, work: Path) -> None:
@@ -324,7 +371,7 @@ def quantize_bundle(folder: Path, ckpt: dict, prep: Preprocessing, vocab, calibr
     try:
         enc, dec = folder / "encoder.onnx", folder / "decoder.onnx"
         with _quantizer_errors("encoder.onnx"):
-            kept_float = quantize_encoder(enc, work / "encoder.onnx", images, prep, work)
+            encoder_changes = quantize_encoder(enc, work / "encoder.onnx", images, prep, work)
         with _quantizer_errors("decoder.onnx"):
             quantize_decoder(dec, work / "decoder.onnx", work)
         for name in ("encoder.onnx", "decoder.onnx"):  # the stamp naming the model and vocabulary, as before
@@ -345,7 +392,8 @@ def quantize_bundle(folder: Path, ckpt: dict, prep: Preprocessing, vocab, calibr
     return {
         "mode": "int8",
         "encoder": "static, QDQ, per-channel int8 weights, uint8 activations (min/max calibration)",
-        "encoder_float_convs": kept_float,
+        "encoder_float_convs": encoder_changes["float_convs"],
+        "encoder_pools_as_convs": encoder_changes["pools_as_convs"],
         "decoder": "dynamic, int8 MatMul/Gemm weights",
         "calibration_images": len(images),
         "calibration_split": "train",

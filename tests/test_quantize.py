@@ -331,10 +331,71 @@ def test_int8_encoder_keeps_a_depthwise_stem_float_and_quantizes_the_rest(tmp_pa
     torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(src), input_names=["images"], output_names=["out"],
                       dynamic_axes={"images": {0: "batch"}}, dynamo=False)
     images = sorted((small_synthetic / "Images").glob("*.jpg"))[:16]
-    kept = quantize_encoder(src, tmp_path / "int8.onnx", images, Preprocessing(input_size=32, resize=36), tmp_path)
+    kept = quantize_encoder(src, tmp_path / "int8.onnx", images, Preprocessing(input_size=32, resize=36),
+                            tmp_path)["float_convs"]
     model = onnx.load(str(tmp_path / "int8.onnx"))
     produced_by = {o: n for n in model.graph.node for o in n.output}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     weight_is_int8 = [getattr(produced_by.get(c.input[1]), "op_type", None) == "DequantizeLinear" for c in convs]
     assert len(kept) == 2 and [c.name for c in convs[:2]] == kept
     assert weight_is_int8 == [False, False, True, True]
+
+
+def _export(net, path: Path, size: int = 32) -> Path:
+    import torch
+
+    torch.onnx.export(net, (torch.randn(2, 3, size, size),), str(path), input_names=["images"],
+                      output_names=["out"], dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+    return path
+
+
+def test_box_filter_pools_become_the_depthwise_convs_they_equal(tmp_path):
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    from capcli.quantize import _preprocessed, box_filters_as_convs
+
+    class Branches(nn.Module):  # inceptionv3's branch pool, and two pools that are not box filters
+        def forward(self, x):
+            return torch.cat([nn.functional.avg_pool2d(x, 3, stride=1, padding=1),
+                              nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False),
+                              nn.functional.avg_pool2d(x, 3, stride=2, padding=1)[..., :1, :1].expand_as(x)], 1)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Branches()).eval()
+    ready = _preprocessed(_export(net, tmp_path / "enc.onnx"), tmp_path / "enc.pre.onnx")
+    model = onnx.load(str(ready))
+    assert box_filters_as_convs(model) == 1
+    onnx.checker.check_model(model)
+    pools = [n for n in model.graph.node if n.op_type == "AveragePool"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in p.attribute} for p in pools]
+    assert sorted((a["count_include_pad"], list(a["strides"])) for a in attrs) == [(0, [1, 1]), (1, [2, 2])]
+    box = [n for n in model.graph.node if n.name.endswith("_as_conv")]
+    assert [a.i for a in box[0].attribute if a.name == "group"] == [8]
+    x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    before = ort.InferenceSession(str(ready), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_encoder_has_no_int8_average_pool(tmp_path, small_synthetic):
+    import torch
+    from torch import nn
+
+    from capcli.backbone import Preprocessing
+    from capcli.quantize import quantize_encoder
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AvgPool2d(3, stride=1, padding=1),
+                        nn.Conv2d(8, 8, 1)).eval()
+    images = sorted((small_synthetic / "Images").glob("*.jpg"))[:16]
+    changes = quantize_encoder(_export(net, tmp_path / "enc.onnx"), tmp_path / "int8.onnx", images,
+                               Preprocessing(input_size=32, resize=36), tmp_path)
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    produced_by = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert "AveragePool" not in {n.op_type for n in model.graph.node}
+    assert changes["pools_as_convs"] == 1
+    assert [getattr(produced_by.get(c.input[1]), "op_type", None) for c in convs] == ["DequantizeLinear"] * 3
