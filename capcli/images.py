@@ -61,6 +61,19 @@ def check_size(width: int, height: int) -> None:
         )
 
 
+# Formats whose orientation tags Pillow keeps in `info`: without those keys there is nothing to turn.
+_ORIENTATION_IN_INFO = {"JPEG", "MPO", "PNG", "WEBP"}
+_ORIENTATION_KEYS = ("exif", "xmp", "XML:com.adobe.xmp")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF (or XMP) orientation says. Parsing EXIF that is not there costs as much as
+    decoding a small JPEG, so formats that would carry it in `info` skip the parse when it is absent."""
+    if img.format in _ORIENTATION_IN_INFO and not any(k in img.info for k in _ORIENTATION_KEYS):
+        return img
+    return ImageOps.exif_transpose(img) or img
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image file as 8-bit RGB, upright per its EXIF orientation; ImageError if unusable."""
     path = Path(path)
@@ -74,8 +87,7 @@ def load_rgb(path: str | Path) -> Image.Image:
             with Image.open(path) as img:
                 check_size(img.width, img.height)
                 img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return _to_rgb(img)
+                return _to_rgb(_upright(img))
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None
     except MemoryError:
@@ -96,15 +108,23 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 
 def to_pixels(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     """Resize the shorter side and centre-crop: uint8 [S, S, 3], the pixels before normalisation;
-    ImageError if too costly."""
+    ImageError if too costly.
+
+    Only the crop is resampled (Pillow's `box`: the crop's area of the source, same scale and filter), which
+    halves the cost of the usual resize-everything-then-crop when the resize enlarges. The pixels are those of
+    resizing then cropping up to rounding: the same on the synthetic images at 224/256, at most 2 grey levels
+    apart on < 1 % of the pixels of the photos in tests/images (Pillow may run its two passes in the other
+    order, rounding in between differently)."""
     w, h = img.size
     check_size(w, h)
     scale = prep.resize / min(w, h)
     new_w, new_h = max(prep.input_size, round(w * scale)), max(prep.input_size, round(h * scale))
+    size = prep.input_size
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    sx, sy = new_w / w, new_h / h  # the scale actually applied, after rounding to whole pixels
     try:
-        img = img.resize((new_w, new_h), _RESAMPLE[prep.interpolation])
-        left, top = (new_w - prep.input_size) // 2, (new_h - prep.input_size) // 2
-        return np.asarray(img.crop((left, top, left + prep.input_size, top + prep.input_size)))
+        box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+        return np.asarray(img.resize((size, size), _RESAMPLE[prep.interpolation], box=box))
     except MemoryError:
         raise ImageError(f"not enough memory to resize this {w}x{h} image to {new_w}x{new_h}") from None
 

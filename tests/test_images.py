@@ -1,12 +1,16 @@
 """Images of any mode become upright 8-bit RGB; unusable ones raise ImageError with the file named."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from capcli import images
 from capcli.backbone import Preprocessing
-from capcli.images import ImageError, expand_image_args, load_input, load_rgb, to_input
+from capcli.images import ImageError, expand_image_args, load_input, load_rgb, to_input, to_pixels
+
+TEST_IMAGES = Path(__file__).parent / "images"
 
 
 def save(img: Image.Image, path, **kwargs):
@@ -46,12 +50,43 @@ def test_transparent_pixels_become_white(tmp_path):
     assert tuple(np.asarray(load_rgb(save(img, tmp_path / "t.png")))[0, 0]) == (255, 255, 255)
 
 
-def test_exif_orientation_is_respected(tmp_path):
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".tif"])
+def test_exif_orientation_is_respected(tmp_path, suffix):
     img = Image.new("RGB", (30, 10), (200, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    path = save(img, tmp_path / "rot.jpg", exif=exif.tobytes())
+    path = save(img, tmp_path / f"rot{suffix}", exif=exif.tobytes())
     assert load_rgb(path).size == (10, 30)
+    assert load_rgb(save(img, tmp_path / f"plain{suffix}")).size == (30, 10)
+
+
+def test_xmp_orientation_is_respected(tmp_path):
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+           b'</x:xmpmeta>')
+    path = save(Image.new("RGB", (30, 10), (200, 0, 0)), tmp_path / "rot.jpg", xmp=xmp)
+    assert load_rgb(path).size == (10, 30)
+
+
+def _resize_then_crop(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    w, h = img.size
+    scale = prep.resize / min(w, h)
+    new_w, new_h = max(prep.input_size, round(w * scale)), max(prep.input_size, round(h * scale))
+    left, top = (new_w - prep.input_size) // 2, (new_h - prep.input_size) // 2
+    big = img.resize((new_w, new_h), images._RESAMPLE[prep.interpolation])
+    return np.asarray(big.crop((left, top, left + prep.input_size, top + prep.input_size)))
+
+
+@pytest.mark.parametrize("prep", [Preprocessing(224, 256), Preprocessing(299, 342),
+                                  Preprocessing(224, 256, interpolation="bicubic"), Preprocessing(32, 36)])
+def test_resampling_only_the_crop_gives_the_pixels_of_resizing_then_cropping(prep, small_synthetic):
+    photos = sorted(TEST_IMAGES.glob("*.jpg")) + sorted((small_synthetic / "Images").glob("*.jpg"))[:5]
+    for path in photos:  # rounding apart, at most
+        img = load_rgb(path)
+        diff = np.abs(to_pixels(img, prep).astype(int) - _resize_then_crop(img, prep))
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (path.name, diff.max(), (diff > 0).mean())
+        if img.size == (224, 224) and prep.input_size == 224:  # the synthetic images at 224/256: identical
+            assert diff.max() == 0
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
