@@ -5,6 +5,7 @@ import concurrent.futures
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -352,3 +353,44 @@ def test_front_ends_do_not_import_each_other():
     code = "import sys, capcli.cli; print(sorted(m for m in sys.modules if m.startswith(('capcli.serve', 'fastapi'))))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]", loaded.stderr
+
+
+@pytest.fixture
+def reader_batcher(monkeypatch, id_batcher):
+    """An id batcher that, like the server's, waits only for requests still being read; max_wait is long, so a
+    batch that waited for nobody is seen at once."""
+    _, model = id_batcher
+    batcher = MicroBatcher(model, max_batch=8, max_wait=5.0, max_queued=20, wait_for_readers=True)
+    batcher.start()
+    yield batcher, model
+    batcher.stop()
+
+
+def test_a_lone_request_is_not_kept_waiting(reader_batcher):
+    batcher, model = reader_batcher
+    started = time.perf_counter()
+    assert batcher.submit(_ids(1), DecodeOptions()).result(timeout=10).hypotheses == [[("beam3:1", 1.0)]]
+    assert time.perf_counter() - started < 2.5  # not the 5 s of max_wait
+
+
+def test_a_batch_waits_for_a_request_still_being_read(reader_batcher):
+    batcher, model = reader_batcher
+    started = time.perf_counter()
+    with batcher.reading() as reading:
+        first = batcher.submit(_ids(1), DecodeOptions())
+        time.sleep(0.3)  # the second request's upload is still arriving
+        second = reading.submit(_ids(2), DecodeOptions())
+    answers = [first.result(timeout=10), second.result(timeout=10)]
+    assert model.batches == [2] and [a.batch_images for a in answers] == [2, 2]
+    assert time.perf_counter() - started < 2.5  # it went as soon as the second arrived
+
+
+def test_a_request_that_fails_while_being_read_is_not_waited_for(reader_batcher):
+    batcher, model = reader_batcher
+    started = time.perf_counter()
+    with pytest.raises(ValueError), batcher.reading():
+        first = batcher.submit(_ids(1), DecodeOptions())
+        time.sleep(0.3)
+        raise ValueError("not an image")
+    assert first.result(timeout=10).batch_images == 1 and model.batches == [1]
+    assert time.perf_counter() - started < 2.5

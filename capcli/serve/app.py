@@ -40,7 +40,7 @@ class ServeSettings:
     """Limits of one server: batching, and what a request may carry."""
 
     max_batch: int = 16  # images per encoder/decoder run
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others still being read
     max_files: int = 16  # images per request
     max_image_bytes: int = 20_000_000
     max_queued: int = 256  # images waiting before requests are turned away (503)
@@ -172,7 +172,8 @@ def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettin
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     captioner = open_captioner(bundle, runtime="onnx", provider=provider)
-    batcher = MicroBatcher(captioner, settings.max_batch, settings.max_wait_ms / 1e3, settings.max_queued)
+    batcher = MicroBatcher(captioner, settings.max_batch, settings.max_wait_ms / 1e3, settings.max_queued,
+                           wait_for_readers=True)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -202,12 +203,14 @@ def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettin
     @app.post("/v1/captions", summary="Caption one or more images", openapi_extra=_captions_openapi())
     async def captions(request: Request) -> JSONResponse:
         started = time.perf_counter()
-        uploads, fields = await _read_uploads(request, settings)
-        options = _parse_options(fields)
-        images = await run_in_threadpool(
-            lambda: np.stack([image_input(data, name, captioner.preprocessing) for name, data in uploads]))
-        read_ms = (time.perf_counter() - started) * 1e3
-        done = await asyncio.wrap_future(batcher.submit(images, options))
+        with batcher.reading() as reading:
+            uploads, fields = await _read_uploads(request, settings)
+            options = _parse_options(fields)
+            images = await run_in_threadpool(
+                lambda: np.stack([image_input(data, name, captioner.preprocessing) for name, data in uploads]))
+            read_ms = (time.perf_counter() - started) * 1e3
+            answer = reading.submit(images, options)
+        done = await asyncio.wrap_future(answer)
         timings = {"read": read_ms, **done.timings_ms, "total": (time.perf_counter() - started) * 1e3}
         results = [image_result(name, hyps) for (name, _), hyps in zip(uploads, done.hypotheses, strict=True)]
         return JSONResponse({"model": bundle.name, "options": asdict(options), "results": results,

@@ -2,12 +2,15 @@
 
 One worker thread owns the captioner. It takes the first waiting job, gathers whatever else arrives within
 `max_wait` (or is already queued, as under load) up to `max_batch` images, groups the jobs by decoding
-options and runs each group as one batch. Sampled captions depend on the order of the random draws, so each
+options and runs each group as one batch. A server that announces the requests it is still reading
+(`reading()`, with `wait_for_readers=True`) waits only while one is on its way: a lone client is answered
+without the wait. Sampled captions depend on the order of the random draws, so each
 sampling request is its own group: a seed gives the same words as `capcli caption --sample --seed`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -64,13 +67,27 @@ class _Job:
 
 
 _STOP = object()
+_WAKE = object()  # a reader gave up: look again at who is still on the way
+
+
+class Reading:
+    """One request being read: a batch waits (up to max_wait) for it until it submits or fails."""
+
+    def __init__(self, batcher: MicroBatcher):
+        self.batcher, self.open = batcher, True
+
+    def submit(self, images: np.ndarray, options: DecodeOptions) -> Future:
+        return self.batcher.submit(images, options, reading=self)
 
 
 class MicroBatcher:
     """Owns the captioner's worker thread; `submit` is safe from any thread."""
 
-    def __init__(self, captioner, max_batch: int = 16, max_wait: float = 0.005, max_queued: int = 256):
+    def __init__(self, captioner, max_batch: int = 16, max_wait: float = 0.005, max_queued: int = 256,
+                 wait_for_readers: bool = False):
         self.captioner, self.max_batch, self.max_wait, self.max_queued = captioner, max_batch, max_wait, max_queued
+        self.wait_for_readers = wait_for_readers
+        self._readers = 0
         self.with_attention = getattr(captioner, "grid", None) is not None  # attention bundles answer their maps
         self._queue: queue.Queue = queue.Queue()
         self._queued_images = 0
@@ -89,19 +106,43 @@ class MicroBatcher:
     def queued_images(self) -> int:
         return self._queued_images
 
-    def submit(self, images: np.ndarray, options: DecodeOptions) -> Future:
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Reading]:
+        """Around reading one request: until it submits (`Reading.submit`) or fails, batches wait for it."""
+        reading = Reading(self)
+        with self._lock:
+            self._readers += 1
+        try:
+            yield reading
+        finally:
+            with self._lock:
+                gave_up, reading.open = reading.open, False
+                self._readers -= gave_up
+            if gave_up:  # it failed before submitting: a batch waiting for it goes now
+                self._queue.put(_WAKE)
+
+    def _nobody_on_the_way(self) -> bool:
+        with self._lock:
+            return self.wait_for_readers and self._readers == 0 and self._queue.empty()
+
+    def submit(self, images: np.ndarray, options: DecodeOptions, reading: Reading | None = None) -> Future:
         """Queue images for captioning; the future's result is a Captioned."""
         with self._lock:
             if self._queued_images + len(images) > self.max_queued:
                 raise ServerBusy(f"server busy: {self._queued_images} images are waiting; retry shortly")
             self._queued_images += len(images)
-        job = _Job(images, options, next(self._numbers))
-        self._queue.put(job)
+            job = _Job(images, options, next(self._numbers))
+            self._queue.put(job)
+            if reading is not None and reading.open:  # in the same lock: never neither queued nor on the way
+                reading.open = False
+                self._readers -= 1
         return job.future
 
     def _run(self) -> None:
         while True:
             first = self._queue.get()
+            if first is _WAKE:
+                continue
             if first is _STOP:
                 return
             jobs, stopping = self._gather(first)
@@ -114,15 +155,16 @@ class MicroBatcher:
         """The first job plus those arriving within max_wait, up to max_batch images."""
         jobs, images = [first], len(first.images)
         deadline = time.perf_counter() + self.max_wait
-        while images < self.max_batch:
+        while images < self.max_batch and not self._nobody_on_the_way():
             try:
                 job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
                 break
             if job is _STOP:
                 return jobs, True
-            jobs.append(job)
-            images += len(job.images)
+            if job is not _WAKE:
+                jobs.append(job)
+                images += len(job.images)
         return jobs, False
 
     def _caption(self, jobs: list[_Job]) -> None:
