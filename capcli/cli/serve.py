@@ -32,7 +32,9 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: auto, cpu or cuda.")] = "auto",
     max_batch: Annotated[int, typer.Option(min=1, help="Most images in one encoder/decoder run.")] = 16,
-    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request waits for others, still being read, to batch with.")] = 5.0,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="How long a request waits for others, still being read, to batch with.")
+    ] = 5.0,
     max_files: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 16,
     max_image_mb: Annotated[float, typer.Option(min=0.001, help="Largest image file accepted, in MB.")] = 20.0,
     max_queued: Annotated[int, typer.Option(min=1, help="Images waiting before requests get 503.")] = 256,

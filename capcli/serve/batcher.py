@@ -4,8 +4,8 @@ One worker thread owns the captioner. It takes the first waiting job, gathers wh
 `max_wait` (or is already queued, as under load) up to `max_batch` images, groups the jobs by decoding
 options and runs each group as one batch. A server that announces the requests it is still reading
 (`reading()`, with `wait_for_readers=True`) waits only while one is on its way: a lone client is answered
-without the wait. Sampled captions depend on the order of the random draws, so each
-sampling request is its own group: a seed gives the same words as `capcli caption --sample --seed`.
+without the wait. Sampled captions depend on the order of the random draws, so each sampling request is its
+own group: a seed gives the same words as `capcli caption --sample --seed`.
 """
 
 from __future__ import annotations
