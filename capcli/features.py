@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,7 +331,11 @@ def _check_options(batch_size: int, workers: int | None) -> None:
         raise CapcliError("; ".join(problems))
 
 
-def _default_workers(device: str) -> int:
+def _default_workers(device: str, engine: str = "torch") -> int:
+    from capcli.engines import cpu_runs
+
+    if engine == "onnx" and device == "cpu" and cpu_runs() > 1:
+        return 0  # the main thread loads while ONNX Runtime's runs compute (engines.cpu_runs)
     # On CPU the forward needs the cores too: leave it half of them.
     cpus = os.cpu_count() or 1
     return min(8, cpus) if device.startswith("cuda") else max(1, cpus // 2)
@@ -392,7 +397,7 @@ def extract(
             atomic_write_json(path / "meta.json", state.meta)
     if pending:
         if workers is None:
-            workers = _default_workers(device)
+            workers = _default_workers(device, engine)
         if len(pending) <= batch_size:
             workers = 0  # one batch: starting worker processes would cost more than it hides
         _extract_rows(backbone, weights, path, state, pending, paths, batch_size, workers, device,
@@ -418,12 +423,13 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
         task = bar.add_task(f"features {what} ({engine})", total=n_images, info="")
         bar.update(task, completed=n_images - len(pending))
         start, seen, warned = time.perf_counter(), 0, []
-        for n_batch, (rows, batch, failed, stats) in enumerate(loader):
+        in_flight: deque = deque()  # (rows, features being computed or None, failed, stats), oldest first
+
+        def finish(rows, computing, failed, stats) -> None:
+            nonlocal seen
             out = None
-            if batch is not None:
-                if model is None:
-                    model = _build_or_clear(bar, backbone, weights, device, engine, output)
-                out = model(batch)
+            if computing is not None:
+                out = computing.result()
                 if output == "grid":  # [B, C, H, W] -> [B, P, C], P = H*W row-major
                     out = out.reshape(out.shape[0], out.shape[1], -1).transpose(0, 2, 1)
                 out = to_float16(out, what, weights, warned)
@@ -432,8 +438,22 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
             seen += len(rows) + len(failed)
             rate = seen / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=len(rows) + len(failed), info=f"{rate:.1f} img/s")
+
+        for n_batch, (rows, batch, failed, stats) in enumerate(loader):
+            computing = None
+            if batch is not None:
+                if model is None:
+                    model = _build_or_clear(bar, backbone, weights, device, engine, output)
+                computing = model.submit(batch)
+            in_flight.append((rows, computing, failed, stats))
+            # Several runs at once (small CPUs, see engines.cpu_runs): one more batch waits in line, so the
+            # cores stay busy while the next one is loaded. Rows are committed in order, as they finish.
+            while len(in_flight) > (model.runs if model is not None and model.runs > 1 else 0):
+                finish(*in_flight.popleft())
             if stop_after_batches is not None and n_batch + 1 >= stop_after_batches:
                 break
+        while in_flight:
+            finish(*in_flight.popleft())
 
 
 def _build(backbone: Backbone, weights: str, device: str, engine: str, output: str = "pooled"):

@@ -186,3 +186,32 @@ def test_features_cli_extracts_with_onnx_runtime(small_synthetic, monkeypatch, t
     cache = features.open_cache(get_backbone("efficientnet_lite0"), "none", ds)
     assert cache is not None and cache.meta["engine"] == "onnx"
     assert np.abs(np.asarray(cache.features, np.float32)).sum() > 0
+
+
+@pytest.mark.parametrize("runs", [1, 3])
+def test_cpu_extraction_runs_batches_at_once_and_puts_each_row_in_its_place(small_synthetic, monkeypatch, tmp_path,
+                                                                              runs):
+    from capcli.images import load_pixels
+
+    monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engines, "cpu_runs", lambda: runs)
+    extractor = engines.make_extractor(tiny, "none", "onnx", "cpu")
+    assert extractor.runs == runs
+    if runs > 1:  # one single-threaded session shared by the runs, and no loader process beside them
+        assert extractor.session.get_session_options().intra_op_num_threads == 1
+        assert features._default_workers("cpu", "onnx") == 0
+    ds = load_dataset(str(small_synthetic))
+    cache = features.extract(tiny, ds, "none", batch_size=7, device="cpu", show_progress=False, engine="onnx")
+    pixels = np.stack([load_pixels(ds.image_path(n), tiny.preprocessing) for n in ds.images])
+    reference = engines.make_extractor(tiny, "none", "torch", "cpu")(pixels)
+    assert cache.complete and len(ds.images) > 7 * runs  # more batches than runs at once
+    assert agree(reference, np.array(cache.features), FP16_STEP / 2 + 2.0**-14)
+
+
+def test_an_extractor_hands_a_failed_run_to_whoever_waits_for_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engines, "cpu_runs", lambda: 2)
+    for engine in ("onnx", "torch"):
+        future = engines.make_extractor(tiny, "none", engine, "cpu").submit(np.zeros((2, 5, 5), np.uint8))
+        with pytest.raises(Exception):  # noqa: B017 (each engine words its shape error its own way)
+            future.result(timeout=30)
