@@ -18,9 +18,8 @@ from capcli.errors import CapcliError
 # Pillow's own default (about 89 megapixels); above twice that Pillow raises, between it warns:
 # we refuse both, since a caption never needs more than a few megapixels.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-# Decoding is not the only cost: the shorter side is resized to the backbone's size (~256), so the
-# resized image has about 256 x 256 x (long side / short side) pixels. A 441-byte 60000x2 PNG would
-# become 7.7M x 256 (6 GB). Panoramas stay well under this ratio; strips beyond it are refused.
+# A backbone sees the square centre crop of the image (only that crop is resampled: to_pixels), i.e. at
+# most 1/ratio of it. Panoramas stay well under this ratio; strips beyond it are refused.
 MAX_ASPECT_RATIO = 50
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -49,15 +48,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def check_size(width: int, height: int) -> None:
-    """Refuse, before any pixel is decoded or resized, an image too costly to decode or to resize."""
+    """Refuse, before any pixel is decoded, an image too costly to decode or too elongated to crop."""
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
     if width * height > MAX_PIXELS:
         raise ImageError(f"image too large ({width}x{height}), refused as a decompression bomb")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ImageError(
-            f"image too elongated ({width}x{height}, more than {MAX_ASPECT_RATIO}:1): resizing its shorter "
-            "side would take too much memory; refused as a decompression bomb"
+            f"image too elongated ({width}x{height}, more than {MAX_ASPECT_RATIO}:1): the square centre crop "
+            "a backbone sees would hold almost none of it; refused"
         )
 
 
