@@ -446,14 +446,20 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
                     model = _build_or_clear(bar, backbone, weights, device, engine, output)
                 computing = model.submit(batch)
             in_flight.append((rows, computing, failed, stats))
-            # Several runs at once (small CPUs, see engines.cpu_runs): one more batch waits in line, so the
-            # cores stay busy while the next one is loaded. Rows are committed in order, as they finish.
-            while len(in_flight) > (model.runs if model is not None and model.runs > 1 else 0):
+            while len(in_flight) > _batches_ahead(model):
                 finish(*in_flight.popleft())
             if stop_after_batches is not None and n_batch + 1 >= stop_after_batches:
                 break
         while in_flight:
             finish(*in_flight.popleft())
+
+
+def _batches_ahead(model) -> int:
+    """Batches left computing while the next one is loaded: none for an extractor that computes in place; with
+    several runs at once (small CPUs, engines.cpu_runs) as many as the runs, so every core computes meanwhile.
+    Rows are committed oldest first, as their batches finish."""
+    runs = model.runs if model is not None else 1
+    return runs if runs > 1 else 0
 
 
 def _build(backbone: Backbone, weights: str, device: str, engine: str, output: str = "pooled"):
