@@ -53,6 +53,18 @@ def test_same_seed_same_bytes(small_set: Path, tmp_path: Path):
     assert _digests(other) != _digests(small_set)
 
 
+def test_threads_draw_the_same_bytes(small_set: Path, tmp_path: Path):
+    drawn = generate(tmp_path / "threads", n_images=60, seed=5, workers=3)  # chunks of 50: one ends short
+    assert _digests(drawn) == _digests(small_set)  # images, captions.txt and objects.json
+
+
+def test_a_large_set_is_drawn_by_one_thread_per_core(monkeypatch):
+    from capcli.data import synthetic
+
+    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 4)
+    assert [synthetic.generation_workers(n) for n in (60, 999, 1000, 5000, 10**6)] == [1, 1, 2, 4, 4]
+
+
 def test_an_image_does_not_depend_on_the_set_size(small_set: Path, tmp_path: Path):
     fewer = generate(tmp_path / "fewer", n_images=10, seed=5)
     for name in (p.name for p in (fewer / "Images").iterdir()):
@@ -166,15 +178,17 @@ def test_default_synthetic_is_made_once_in_the_cache(tmp_path: Path, monkeypatch
     assert sorted(p.name for p in path.parent.iterdir()) == ["synthetic-v3-s2-n12"]
 
 
-def test_interrupted_generation_leaves_no_half_dataset(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_interrupted_generation_leaves_no_half_dataset(tmp_path: Path, monkeypatch, threads: int):
     monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path))
+    monkeypatch.setattr(synthetic, "generation_workers", lambda n: threads)
 
     def interrupt(done: int) -> None:
-        if done == 5:
+        if done == 55:  # in the second chunk of 50
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        default_synthetic(n_images=12, seed=2, progress=interrupt)
+        default_synthetic(n_images=160, seed=2, progress=interrupt)
     assert list((tmp_path / "datasets").iterdir()) == []
 
 
