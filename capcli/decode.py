@@ -58,6 +58,19 @@ def _hypothesis(
     return Hypothesis(tokens=tokens, log_prob=float(log_prob), score=score, finished=finished, attention=attention)
 
 
+def _no_empty_caption(log_probs: np.ndarray, end_id: int, length: int) -> np.ndarray:
+    """The first step's log-probs without <end>: a caption has at least one word.
+
+    On an image far from its training data a model can find ending at once likelier per word than any
+    caption; an empty answer tells the user nothing, the best caption with words at least says what it saw.
+    """
+    if length > 1:
+        return log_probs
+    log_probs = log_probs.copy()
+    log_probs[:, end_id] = -np.inf
+    return log_probs
+
+
 def _batch_size(state: State) -> int:
     return int(state[0].shape[1])
 
@@ -93,8 +106,9 @@ def _walk(
     looked: list[list[np.ndarray]] = [[] for _ in range(n)]
     log_prob = np.zeros(n)
     finished = np.zeros(n, dtype=bool)
-    for _ in range(max_len):
+    for length in range(1, max_len + 1):
         log_probs, state, alpha = run_step(step, tokens, state, context)
+        log_probs = _no_empty_caption(log_probs, end_id, length)
         tokens = np.asarray(choose(log_probs), dtype=np.int64)
         live = ~finished
         log_prob[live] += log_probs[rows, tokens][live]
@@ -233,6 +247,7 @@ def beam_search(
     done = np.zeros(b, dtype=bool)
     for length in range(1, max_len + 1):
         log_probs, state, alpha = run_step(step, tokens, state, context)
+        log_probs = _no_empty_caption(log_probs, end_id, length)
         vocab = log_probs.shape[1]
         total = beam_lp[:, :, None] + log_probs.reshape(b, k, vocab)
         index, value = _top_k(total.reshape(b, k * vocab), k)

@@ -92,10 +92,10 @@ class LSTMStep:
 
 
 def exhaustive(dist: Dist, image: int, vocab: int, end: int, max_len: int, alpha: float) -> list[tuple]:
-    """Every finished sequence within max_len, scored as the decoder scores them, best first."""
+    """Every finished sequence of one to max_len - 1 words, scored as the decoder scores them, best first."""
     words = [t for t in range(vocab) if t != end]
     found = []
-    for n in range(max_len):
+    for n in range(1, max_len):
         for seq in itertools.product(words, repeat=n):
             lp = sum(float(dist(image, seq[:i])[t]) for i, t in enumerate(seq)) + float(dist(image, seq)[end])
             found.append((lp / (n + 1) ** alpha, list(seq), lp))
@@ -103,11 +103,12 @@ def exhaustive(dist: Dist, image: int, vocab: int, end: int, max_len: int, alpha
 
 
 def reference_beam(dist: Dist, image: int, vocab: int, end: int, k: int, max_len: int, alpha: float) -> list:
-    """Plain one-image beam search: a finished beam leaves the beam and gives up its slot."""
+    """Plain one-image beam search: a finished beam leaves the beam and gives up its slot; no empty caption."""
     beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
     pool = []
     for _ in range(max_len):
-        cands = [(lp + float(dist(image, seq)[t]), seq, t) for seq, lp in beams for t in range(vocab)]
+        cands = [(lp + float(dist(image, seq)[t]), seq, t) for seq, lp in beams for t in range(vocab)
+                 if seq or t != end]
         cands.sort(key=lambda c: c[0], reverse=True)
         beams = []
         for lp, seq, t in cands[: k - len(pool)]:
@@ -272,6 +273,18 @@ def test_early_stop_waits_for_a_long_hypothesis_that_normalisation_favours() -> 
     step = OracleStep(tree_dist(tree, vocab=4))
     best = beam_search(step, images(0), START, end, beam_size=2, max_len=6, length_penalty=1.0)[0][0]
     assert best.tokens == [b, c, c, c]
+
+
+def test_no_decoder_returns_an_empty_caption() -> None:
+    # <end> first is the likeliest path by far, and the best per word: every decoder must say something.
+    vocab, end, a, b = 4, 0, 1, 2
+    dist = tree_dist({(): {end: 0.9, a: 0.06, b: 0.04}, (a,): {end: 0.5, b: 0.5}, (b,): {end: 0.99}}, vocab)
+    assert greedy(OracleStep(dist), images(0), START, end, 5)[0].tokens == [a]
+    found = beam_search(OracleStep(dist), images(0), START, end, 3, 5, n_best=3)[0]
+    assert found and all(h.tokens for h in found) and found[0].tokens == [b]
+    assert found[0].log_prob == pytest.approx(np.log(0.04) + np.log(0.99), abs=1e-5)  # the model's, not renormalised
+    drawn = sample(OracleStep(dist), images(*range(200)), START, end, 5, rng=np.random.default_rng(0))
+    assert all(h.tokens and h.tokens[0] in (a, b) for h in drawn)
 
 
 def test_beam_log_probs_are_the_paths_log_probs() -> None:
