@@ -2,8 +2,9 @@
 runs to the batch's longest): training steps per second on the demo's real captions, timed in turn in one run.
 
 Batches are the training loop's own (captions of a few images grouped, trimmed to the longest), with random
-grids of the demo's shape (efficientnet_lite0: 7x7 x 1280) and the demo's decoder sizes. The padded variant is the
-same module stepping over every position, which is what training did before packing.
+grids of the demo's shape (efficientnet_lite0: 7x7 x 1280) and decoder sizes close to the demo's (hidden 256,
+context 128, attention 128; the demo's attention size is 64). The padded variant is the same module stepping
+over every position, which is what training did before packing.
 """
 
 from __future__ import annotations

@@ -85,8 +85,11 @@ def test_demo_runs_end_to_end_offline(tmp_path, monkeypatch):
     report = Path("runs/demo/report.html").read_text()
     assert report.count('<div class="attention">') >= 1 and "7x7 grid" in report  # the demo's attention maps
     assert "timings:" in result.stdout and "total" in result.stdout
-    again = CliRunner().invoke(app, ["demo", "--images", "120", "--epochs", "2"])  # re-running is safe
+    # Re-running is safe, also after an upgrade that changed the demo's settings: the run keeps its own.
+    monkeypatch.setattr("capcli.demo.LR", 5e-4)
+    again = CliRunner().invoke(app, ["demo", "--images", "120", "--epochs", "2"])
     assert again.exit_code == 0, again.output
+    assert "resuming it" in again.output
     other = CliRunner().invoke(app, ["demo", "--images", "120", "--epochs", "2", "--decoder", "pooled"])
     assert other.exit_code == 1 and "holds an earlier demo run of the attention decoder" in other.output
 
