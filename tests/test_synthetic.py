@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -187,9 +188,11 @@ def test_interrupted_generation_leaves_no_half_dataset(tmp_path: Path, monkeypat
         if done == 55:  # in the second chunk of 50
             raise KeyboardInterrupt
 
+    threads_before = threading.active_count()
     with pytest.raises(KeyboardInterrupt):
-        default_synthetic(n_images=160, seed=2, progress=interrupt)
+        default_synthetic(n_images=600, seed=2, progress=interrupt)
     assert list((tmp_path / "datasets").iterdir()) == []
+    assert threading.active_count() == threads_before  # the drawing threads stopped with the interruption
 
 
 def test_build_replaces_an_earlier_set(tmp_path: Path):

@@ -9,6 +9,7 @@ few minutes on a CPU can learn to name colour and shape, and `caption_is_correct
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -346,13 +347,15 @@ def generate(
     images_dir.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str]] = []
     scenes: dict[str, Any] = {}
-    for index, (background, objects, image, captions) in enumerate(_drawn_scenes(seed, n_images, size, workers)):
-        name = image_name(index)
-        (images_dir / name).write_bytes(image)
-        rows.extend((name, caption) for caption in captions)
-        scenes[name] = {"background": background, "objects": objects}
-        if progress is not None:
-            progress(index + 1)
+    # An error or Ctrl-C here stops the drawing threads (pending chunks cancelled) before it propagates.
+    with contextlib.closing(_drawn_scenes(seed, n_images, size, workers)) as drawn:
+        for index, (background, objects, image, captions) in enumerate(drawn):
+            name = image_name(index)
+            (images_dir / name).write_bytes(image)
+            rows.extend((name, caption) for caption in captions)
+            scenes[name] = {"background": background, "objects": objects}
+            if progress is not None:
+                progress(index + 1)
     atomic_write_text(out / "captions.txt", _captions_csv(rows))
     # objects.json last: its presence marks a complete set.
     atomic_write_json(
