@@ -60,13 +60,15 @@ def decode_hypotheses(captioner, state, beam_size: int, n_best: int = 1, max_len
     if sampling is not None:
         rng = np.random.default_rng(sampling.seed)
         hyps = sample(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len,
-                      temperature=sampling.temperature, top_k=sampling.top_k, rng=rng, context=context)
+                      temperature=sampling.temperature, top_k=sampling.top_k, rng=rng, context=context,
+                      never=vocab.not_words)
         return [[h] for h in hyps]
     if beam_size <= 1:
-        hyps = greedy(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len, context=context)
+        hyps = greedy(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len, context=context,
+                      never=vocab.not_words)
         return [[h] for h in hyps]
     return beam_search(captioner.step, state, vocab.start_id, vocab.end_id, beam_size=beam_size, max_len=max_len,
-                       n_best=n_best, context=context)
+                       n_best=n_best, context=context, never=vocab.not_words)
 
 
 def decode_states(captioner, state, beam_size: int, n_best: int = 1, max_len: int | None = None,

@@ -58,16 +58,19 @@ def _hypothesis(
     return Hypothesis(tokens=tokens, log_prob=float(log_prob), score=score, finished=finished, attention=attention)
 
 
-def _no_empty_caption(log_probs: np.ndarray, end_id: int, length: int) -> np.ndarray:
-    """The first step's log-probs without <end>: a caption has at least one word.
+def _words_only(log_probs: np.ndarray, end_id: int, never: tuple[int, ...], length: int) -> np.ndarray:
+    """Log-probs without the tokens a caption cannot hold, and without <end> for the first word.
 
-    On an image far from its training data a model can find ending at once likelier per word than any
-    caption; an empty answer tells the user nothing, the best caption with words at least says what it saw.
+    `never` (the vocabulary's <pad> and <start>) are never training targets, so their scores mean nothing
+    and can win on an image far from the training data. There a model can also find ending at once
+    likelier per word than any caption; an empty answer tells the user nothing, so a caption has at least
+    one word.
     """
-    if length > 1:
+    banned = list(never) + ([end_id] if length == 1 else [])
+    if not banned:
         return log_probs
     log_probs = log_probs.copy()
-    log_probs[:, end_id] = -np.inf
+    log_probs[:, banned] = -np.inf
     return log_probs
 
 
@@ -97,6 +100,7 @@ def _walk(
     max_len: int,
     choose: Chooser,
     context: Context = (),
+    never: tuple[int, ...] = (),
 ) -> list[Hypothesis]:
     """Follow one path per row, picking each next token with `choose`, until all rows end or max_len."""
     n = _batch_size(state)
@@ -108,7 +112,7 @@ def _walk(
     finished = np.zeros(n, dtype=bool)
     for length in range(1, max_len + 1):
         log_probs, state, alpha = run_step(step, tokens, state, context)
-        log_probs = _no_empty_caption(log_probs, end_id, length)
+        log_probs = _words_only(log_probs, end_id, never, length)
         tokens = np.asarray(choose(log_probs), dtype=np.int64)
         live = ~finished
         log_prob[live] += log_probs[rows, tokens][live]
@@ -133,11 +137,12 @@ def _stacked(weights: list[np.ndarray], context: Context) -> np.ndarray | None:
 
 
 def greedy(
-    step: Step | ContextStep, state: State, start_id: int, end_id: int, max_len: int = 20, context: Context = ()
+    step: Step | ContextStep, state: State, start_id: int, end_id: int, max_len: int = 20, context: Context = (),
+    never: tuple[int, ...] = (),
 ) -> list[Hypothesis]:
-    """The most likely next token at every step, for each image of the batch."""
+    """The most likely next token at every step, for each image of the batch; `never`: ids never generated."""
     _check(max_len)
-    return _walk(step, state, start_id, end_id, max_len, lambda log_probs: log_probs.argmax(axis=1), context)
+    return _walk(step, state, start_id, end_id, max_len, lambda log_probs: log_probs.argmax(axis=1), context, never)
 
 
 def sample(
@@ -150,6 +155,7 @@ def sample(
     top_k: int = 0,
     rng: np.random.Generator | None = None,
     context: Context = (),
+    never: tuple[int, ...] = (),
 ) -> list[Hypothesis]:
     """Draw each next token from the (tempered, optionally top-k) distribution; log_prob stays the model's."""
     _check(max_len, temperature=temperature)
@@ -168,7 +174,7 @@ def sample(
         pick = np.minimum((cdf < rng.random((len(cdf), 1))).sum(axis=1), cdf.shape[1] - 1)
         return pick if order is None else order[np.arange(len(pick)), pick]
 
-    return _walk(step, state, start_id, end_id, max_len, choose, context)
+    return _walk(step, state, start_id, end_id, max_len, choose, context, never)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,13 +230,15 @@ def beam_search(
     length_penalty: float = 1.0,
     n_best: int = 1,
     context: Context = (),
+    never: tuple[int, ...] = (),
 ) -> list[list[Hypothesis]]:
     """Beam search for every image at once; per image, up to n_best hypotheses, best score first.
 
     The B images' K beams are one batch of B*K rows for the step. A beam that emits <end> moves to its
     image's pool and its slot is masked to -inf, so an image keeps searching with K minus its finished
     count (beam width 1 is therefore greedy). When no beam of an image ends within max_len, its best
-    unfinished beams are returned with finished=False. Context arrays are repeated once per beam.
+    unfinished beams are returned with finished=False. Context arrays are repeated once per beam. `never`:
+    ids never generated (the vocabulary's <pad> and <start>).
     """
     _check(max_len, beam_size=beam_size, n_best=n_best)
     if n_best > beam_size:
@@ -247,7 +255,7 @@ def beam_search(
     done = np.zeros(b, dtype=bool)
     for length in range(1, max_len + 1):
         log_probs, state, alpha = run_step(step, tokens, state, context)
-        log_probs = _no_empty_caption(log_probs, end_id, length)
+        log_probs = _words_only(log_probs, end_id, never, length)
         vocab = log_probs.shape[1]
         total = beam_lp[:, :, None] + log_probs.reshape(b, k, vocab)
         index, value = _top_k(total.reshape(b, k * vocab), k)

@@ -200,7 +200,7 @@ def _parity(tmp: Path, encoder, step_module, batch: np.ndarray, vocab, max_len: 
         if alpha_t is not None:
             step_diff = max(step_diff, float(np.abs(alpha_t - alpha_o).max()))
         tokens, state = lp_t.argmax(1).astype(np.int64), next_state
-    caps = [[h.tokens for h in greedy(s, st, vocab.start_id, vocab.end_id, max_len, context=ctx)]
+    caps = [[h.tokens for h in greedy(s, st, vocab.start_id, vocab.end_id, max_len, context=ctx, never=vocab.not_words)]
             for s, (st, ctx) in zip(steps, (start_t, start_o), strict=True)]
     return {
         "images": len(batch),

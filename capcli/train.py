@@ -261,7 +261,8 @@ def generated_scores(decoder, table, feats, cache, vocab, sample: int, device) -
     images = table.images[:sample]
     row_of = cache.row_index()
     state, context = decoders.start(decoder, feats.images([row_of[i] for i in images]))
-    hyps = greedy(torch_step(decoder, device), state, vocab.start_id, vocab.end_id, context=context)
+    hyps = greedy(torch_step(decoder, device), state, vocab.start_id, vocab.end_id, context=context,
+                  never=vocab.not_words)
     candidates = {img: vocab.decode(h.tokens) for img, h in zip(images, hyps, strict=True)}
     scores = score_captions({i: table.references[i] for i in images}, candidates, meteor=False, tokenizer="simple")
     return {"val_bleu4": scores.values["BLEU-4"], "val_cider": scores.values["CIDEr-D"]}

@@ -287,6 +287,18 @@ def test_no_decoder_returns_an_empty_caption() -> None:
     assert all(h.tokens and h.tokens[0] in (a, b) for h in drawn)
 
 
+def test_tokens_that_are_not_words_are_never_generated() -> None:
+    # <pad> (3) wins every step but the first: its score means nothing, as it was never a training target.
+    vocab, end, a, pad = 4, 0, 1, 3
+    dist = tree_dist({(): {a: 0.6, pad: 0.4}, (a,): {pad: 0.7, end: 0.2, a: 0.1}, (a, a): {end: 1.0}}, vocab)
+    assert greedy(OracleStep(dist), images(0), START, end, 5)[0].tokens == [a, pad]  # unless told
+    assert greedy(OracleStep(dist), images(0), START, end, 5, never=(pad,))[0].tokens == [a]
+    found = beam_search(OracleStep(dist), images(0), START, end, 3, 5, n_best=2, never=(pad,))[0]
+    assert [h.tokens for h in found] == [[a, a], [a]]  # mean log-prob per word: -0.94 and -1.06
+    drawn = sample(OracleStep(dist), images(*range(100)), START, end, 5, rng=np.random.default_rng(1), never=(pad,))
+    assert all(pad not in h.tokens for h in drawn) and {tuple(h.tokens) for h in drawn} == {(a,), (a, a)}
+
+
 def test_beam_log_probs_are_the_paths_log_probs() -> None:
     dist = random_dist(vocab=6, seed=2)
     for hyp in beam_search(OracleStep(dist), images(5), START, 0, beam_size=3, max_len=6, n_best=3)[0]:

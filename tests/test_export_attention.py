@@ -107,6 +107,14 @@ def test_caption_json_has_each_words_attention(attention_bundle, test_images):
     assert "attention" not in json.loads(plain.stdout.splitlines()[0])
 
 
+def test_readme_snippet_captions_from_an_attention_bundle(attention_bundle, test_images, tmp_path):
+    from readme_snippet import PHOTOS, snippet_captions
+
+    images = [test_images[0], *PHOTOS]
+    expected = caption_images(open_captioner(attention_bundle, "onnx", provider="cpu"), images, beam_size=1)
+    assert snippet_captions(attention_bundle, images, tmp_path) == [r.caption for r in expected]
+
+
 def test_attention_maps_of_a_pooled_model_are_one_clear_error(pooled_bundle, test_images):
     result = CliRunner().invoke(app, ["caption", str(test_images[0]), "--model", str(pooled_bundle), "--attention"])
     assert result.exit_code == 1

@@ -1,5 +1,4 @@
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -142,19 +141,12 @@ def test_onnx_captioning_does_not_import_torch(tiny_bundle, test_images):
 
 
 def test_readme_snippet_captions_with_onnxruntime_numpy_pillow_only(tiny_bundle, test_images, tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    snippet = re.search(r"```python\n(# bundle-snippet.*?)```", readme, re.S).group(1)
-    assert len(snippet.strip().splitlines()) <= 25
-    script = tmp_path / "snippet.py"
-    script.write_text(snippet)
-    guard = "import sys; sys.modules['torch'] = None; sys.modules['capcli'] = None\n"  # neither may be used
-    runner = tmp_path / "run.py"
-    runner.write_text(guard + f"sys.argv = ['snippet', {str(tiny_bundle)!r}, {str(test_images[0])!r}]\n"
-                      f"exec(open({str(script)!r}).read())\n")
-    proc = subprocess.run([sys.executable, str(runner)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = caption_images(open_captioner(tiny_bundle, "onnx", provider="cpu"), test_images[:1], beam_size=1)
-    assert proc.stdout.strip() == expected[0].caption
+    from readme_snippet import PHOTOS, snippet, snippet_captions
+
+    assert len(snippet().strip().splitlines()) <= 25
+    images = [test_images[0], *PHOTOS]
+    expected = caption_images(open_captioner(tiny_bundle, "onnx", provider="cpu"), images, beam_size=1)
+    assert snippet_captions(tiny_bundle, images, tmp_path) == [r.caption for r in expected]
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_bundle, test_images):

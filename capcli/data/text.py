@@ -71,6 +71,11 @@ class Vocabulary:
     def unk_id(self) -> int:
         return self.stoi[UNK]
 
+    @property
+    def not_words(self) -> tuple[int, int]:
+        """<pad> and <start>: never a training target, so never generated."""
+        return self.pad_id, self.start_id
+
     def __len__(self) -> int:
         return len(self.itos)
 
