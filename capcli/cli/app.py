@@ -67,8 +67,10 @@ def _one_line_errors():
         error(NEEDS_TRAINING_STACK.format(module=exc.name))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err.print("interrupted; finished work is kept: rerun the same command to resume "
-                  "(for train, add --resume)")
+        # Said of every command: nothing is left half-written, and what a command finished (cached features,
+        # finished epochs) a rerun reuses; a synthetic set, built in a temporary folder, starts over.
+        err.print("interrupted; nothing half-written was kept: rerun the same command to go on "
+                  "(it reuses cached features and, for train with --resume, finished epochs)")
         raise typer.Exit(130) from None
     except OSError as exc:
         if exc.errno == errno.EPIPE:
