@@ -2,8 +2,9 @@
 
 Encoder: QDQ format, int8 weights per output channel, uint8 activations whose ranges are calibrated on images
 of the run's training split (ONNX Runtime fuses the pairs into QLinearConv / QGemm kernels); a MobileNet-style
-stem stays float32 (`float_stem`) and 3x3 box-filter pools become depthwise convs
-(`box_filters_as_convs`). Decoder: int8 weights for MatMul/Gemm, activations quantized on the fly
+stem stays float32 (`float_stem`), 3x3 box-filter pools become depthwise convs
+(`box_filters_as_convs`), and each conv's int32 bias is corrected for the mean shift rounding causes
+(`capcli.bias_correction`). Decoder: int8 weights for MatMul/Gemm, activations quantized on the fly
 (MatMulInteger). Graph inputs and outputs stay float32 with the same names and symbolic batch, so captioning and
 serving use an int8 bundle unchanged. Dynamic quantization takes one activation scale per tensor, i.e. over the
 whole batch being decoded: an int8 decoder's words can depend on which other images (and beams) share its batch,
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from capcli.backbone import Preprocessing
+from capcli.bias_correction import correct_biases
 from capcli.errors import CapcliError
 
 MODES = ("int8",)
@@ -211,8 +213,10 @@ def _box_filter_channels(node, known: dict) -> int | None:
 
 
 def quantize_encoder(src: Path, dst: Path, images: list[Path], prep: Preprocessing, work: Path) -> dict:
-    """Static QDQ quantization: per-channel int8 weights, uint8 activations calibrated (min/max) on `images`;
-    returns what was kept float32 (`float_stem`) and how many pools became convs (`box_filters_as_convs`)."""
+    """Static QDQ quantization: per-channel int8 weights, uint8 activations calibrated (min/max) on `images`,
+    then each conv's bias corrected for the mean shift quantization causes (capcli.bias_correction); returns
+    what was kept float32 (`float_stem`), how many pools became convs (`box_filters_as_convs`) and how many
+    biases were corrected."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -231,7 +235,9 @@ def quantize_encoder(src: Path, dst: Path, images: list[Path], prep: Preprocessi
             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=kept_float,
             calibration_providers=["CPUExecutionProvider"],
         )
-    return {"float_convs": kept_float, "pools_as_convs": pools}
+    reader.rewind()
+    corrected = correct_biases(ready, dst, [image for batch in reader for image in batch["images"]])
+    return {"float_convs": kept_float, "pools_as_convs": pools, "bias_corrected_convs": corrected}
 
 
 def quantize_decoder(src: Path, dst: Path, work: Path) -> None:
@@ -391,8 +397,10 @@ def quantize_bundle(folder: Path, ckpt: dict, prep: Preprocessing, vocab, calibr
         shutil.rmtree(work, ignore_errors=True)
     return {
         "mode": "int8",
-        "encoder": "static, QDQ, per-channel int8 weights, uint8 activations (min/max calibration)",
+        "encoder": "static, QDQ, per-channel int8 weights, uint8 activations (min/max calibration), "
+                   "conv biases corrected for quantization's mean shift",
         "encoder_float_convs": encoder_changes["float_convs"],
+        "encoder_bias_corrected_convs": encoder_changes["bias_corrected_convs"],
         "encoder_pools_as_convs": encoder_changes["pools_as_convs"],
         "decoder": "dynamic, int8 MatMul/Gemm weights",
         "calibration_images": len(images),

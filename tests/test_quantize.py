@@ -136,6 +136,9 @@ def test_manifest_records_the_caption_parity_it_measured(env, val_sample):
     meta = json.loads((env["int8"] / "capcli.json").read_text())
     q = meta["quantization"]
     assert q["mode"] == "int8" and q["calibration_images"] == CALIBRATION and q["calibration_split"] == "train"
+    int8_convs = [n for n in onnx.load(str(env["int8"] / "encoder.onnx")).graph.node
+                  if n.op_type == "Conv" and n.input[2].endswith("bias")]
+    assert q["encoder_bias_corrected_convs"] == len(int8_convs) > 0
     assert q["tolerance"] == {"min_agreement": 0.0, "max_cider_loss": 100.0}
     assert q["graph_bytes"]["int8"] == sum((env["int8"] / g).stat().st_size for g in ("encoder.onnx", "decoder.onnx"))
     p = q["parity"]
