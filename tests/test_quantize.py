@@ -106,7 +106,7 @@ def test_int8_export_reports_its_figures(env):
     result = env["export_result"]
     assert result.exit_code == 0, result.output
     assert not result.stderr.strip(), f"the quantizer's logs leak: {result.stderr}"
-    assert f"int8 ({CALIBRATION} calibration images)" in result.stdout
+    assert f"int8 ({CALIBRATION} calibration images, " in result.stdout and " conv biases corrected)" in result.stdout
     assert "captions agree" in result.stdout and "CIDEr-D" in result.stdout
 
 

@@ -65,9 +65,12 @@ def export_cmd(
 
 def _print_quantization(q: dict) -> None:
     p, tol = q["parity"], q["tolerance"]
-    size = q["graph_bytes"]
+    size, n = q["graph_bytes"], q["calibration_images"]
+    corrected = q.get("encoder_bias_corrected_convs")
     out.print(
-        f"int8 ({q['calibration_images']} calibration images): graphs {size['int8'] / 2**20:.1f} MiB vs "
+        f"int8 ({n} calibration image{'' if n == 1 else 's'}"
+        f"{'' if corrected is None else f', {corrected} conv biases corrected'}): "
+        f"graphs {size['int8'] / 2**20:.1f} MiB vs "
         f"{size['float32'] / 2**20:.1f} MiB float32 ({size['int8'] / size['float32']:.0%}); "
         f"on {p['images']} validation images (beam {p['beam_size']}) "
         f"captions agree {p['agreement_percent']:.1f}% (>= {tol['min_agreement']:g}%), CIDEr-D "
