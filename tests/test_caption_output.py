@@ -49,6 +49,14 @@ def test_item9_an_empty_folder_or_one_without_images_is_an_error(env, tmp_path):
     assert "no images in this folder" in one_line(run("caption", str(empty), "--model", str(env["bundle"])), 1)
 
 
+def test_an_image_that_cannot_be_captioned_alone_is_one_line_and_no_table(env, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (6000, 1)).save(tmp_path / "strip.png")
+    line = one_line(run("caption", str(tmp_path / "strip.png"), "--model", str(env["bundle"]), "--provider", "cpu"), 1)
+    assert "strip.png: image too elongated" in line
+
+
 def test_item9_an_empty_argument_is_an_error_not_the_current_folder(env, images, tmp_path, monkeypatch):
     shutil.copy(images[0], tmp_path / "here.png")
     monkeypatch.chdir(tmp_path)

@@ -89,6 +89,8 @@ def _print_table(results, runtime: str, how: str) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    if all(r.error is not None for r in results):
+        return  # every image failed, each already named on stderr: an empty table would only add noise
     table = Table(title=f"captions ({runtime}, {how})")
     table.add_column("image", overflow="fold")
     table.add_column("caption", overflow="fold")
