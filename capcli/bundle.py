@@ -21,11 +21,13 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from capcli.errors import CapcliError
+from capcli.paths import describe_os_error
 
 FORMAT = "capcli-bundle"
 # 2: graphs carry capcli metadata (vocabulary and model hashes); every file is hashed.
@@ -34,6 +36,7 @@ FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # a version 2 bundle is a pooled one
 DECODER_KINDS = ("pooled", "attention")
 MANIFEST = "capcli.json"
+MAX_MANIFEST_BYTES = 1 << 20  # an exported manifest is a few kB
 INTERPOLATIONS = ("bilinear", "bicubic")
 SPECIAL_TOKENS = ("pad", "start", "end", "unk")  # ids 0-3 of every capcli vocabulary
 GRAPH_FILES = ("encoder", "decoder")
@@ -247,8 +250,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
     """The bundle's capcli.json, checked against the schema; with verify, every named file's sha256 too."""
     folder = Path(folder)
     path = folder / MANIFEST
-    if not path.is_file():
-        raise CapcliError(f"'{folder}' is not a capcli bundle (no {MANIFEST}); create one with capcli export")
+    _check_manifest_file(folder, path)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -267,6 +269,26 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
     if verify:
         verify_files(folder, meta)
     return meta
+
+
+def _check_manifest_file(folder: Path, path: Path) -> None:
+    """A regular file of a sane size, said accurately otherwise: reading a FIFO would hang, a huge file would
+    fill the memory before the schema could refuse it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise CapcliError(f"{path}: a symbolic link to a file that does not exist") from None
+        raise CapcliError(f"'{folder}' is not a capcli bundle (no {MANIFEST}); create one with capcli export") from None
+    except OSError as exc:  # a symlink loop (ELOOP), a folder we may not enter, ...
+        raise CapcliError(f"{path}: cannot read ({describe_os_error(exc)})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CapcliError(f"{path}: a folder, not the bundle's manifest file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CapcliError(f"{path}: not a regular file (a FIFO, socket or device); refused unread")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: {st.st_size} bytes, more than a manifest's {MAX_MANIFEST_BYTES}; "
+                            "refused unread")
 
 
 def decoder_kind(meta: dict) -> str:
@@ -291,10 +313,21 @@ def bundle_file(folder: Path, name: str) -> Path:
         raise ManifestError(f"bundle '{folder}': file name {problem}")
     path = folder / name
     if not path.is_file():
-        raise CapcliError(f"bundle '{folder}' is incomplete: {name} is missing")
+        raise CapcliError(f"bundle '{folder}': {name} {_not_a_file(path)}")
     if path.is_symlink() and Path(os.path.realpath(path)).parent != Path(os.path.realpath(folder)):
         raise CapcliError(f"bundle '{folder}': {name} points outside the bundle folder")
     return path
+
+
+def _not_a_file(path: Path) -> str:
+    """What is at `path` instead of a regular file, in words."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "is a symbolic link to nothing" if path.is_symlink() else "is missing (the bundle is incomplete)"
+    except OSError as exc:
+        return f"cannot be read ({describe_os_error(exc)})"
+    return "is a folder, not a file" if stat.S_ISDIR(st.st_mode) else "is not a regular file (a FIFO, socket or device)"
 
 
 def verify_files(folder: Path, meta: dict) -> None:

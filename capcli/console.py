@@ -10,27 +10,47 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
-out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+# C0 and C1 control characters: in a file name they could move the cursor, recolour or retitle the terminal,
+# or forge a second line of output. \n, \r and \t keep their familiar escapes, the others read \xNN.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+class SafeConsole(Console):
+    """A console that shows the control characters of any plain string it prints as escapes, so that no line
+    capcli prints, on a terminal or in a pipe, can carry a name's escape sequence or newline."""
+
+    def print(self, *objects, **kwargs) -> None:  # type: ignore[override]
+        super().print(*(shown(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+out = SafeConsole(highlight=False, soft_wrap=True, markup=False, emoji=False)
+err = SafeConsole(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+
+def escape_controls(text: str) -> str:
+    return _CONTROL.sub(lambda m: _NAMED_CONTROLS.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
 def shown(value: object) -> str:
-    """Any user text made printable: bytes that were not UTF-8 appear as \\xNN, never as an encode error."""
+    """Any user text made printable on one line: bytes that were not UTF-8 appear as \\xNN, never as an encode
+    error, and control characters as escapes."""
     text = str(value)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         try:
-            return os.fsencode(text).decode("utf-8", errors="backslashreplace")
+            text = os.fsencode(text).decode("utf-8", errors="backslashreplace")
         except UnicodeEncodeError:  # a surrogate that did not come from a file name
-            return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
-    return text
+            text = text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    return escape_controls(text)
 
 
 def plain(value: object, style: str = "") -> Text:

@@ -11,7 +11,7 @@ from pathlib import Path
 from capcli.caption import caption_images, open_captioner
 from capcli.console import progress, warn
 from capcli.errors import CapcliError
-from capcli.paths import atomic_write_json, output_file
+from capcli.paths import atomic_write_json, is_bundle_folder, protected_output, starts_with
 
 
 def model_dataset_defaults(model: str | Path) -> dict:
@@ -71,6 +71,7 @@ def evaluate(
     show_progress: bool = True,
     allow_missing: bool = False,
     meteor: bool | None = None,
+    force: bool = False,
 ) -> dict:
     """Caption `split` of the dataset and score it; writes captions and scores to `out` (JSON).
 
@@ -87,7 +88,7 @@ def evaluate(
         raise CapcliError(f"--limit must be at least 1, got {limit}")
     if beam_size < 1:
         raise CapcliError(f"--beam-size must be at least 1, got {beam_size}")
-    out = output_file(out if out is not None else default_output(model, split))  # before any work
+    out = _output_path(model, out, split, force)  # before any work
     defaults = model_dataset_defaults(model)
     dataset = dataset or defaults.get("spec")
     if not dataset:
@@ -99,6 +100,8 @@ def evaluate(
     if split not in ds.splits or not ds.splits[split]:
         raise CapcliError(f"dataset '{ds.name}' has no '{split}' split (has: {', '.join(ds.splits)})")
     names = ds.splits[split][:limit] if limit else ds.splits[split]
+    protected_output(out, "--out", inputs=[ds.annotation, *(ds.image_path(n) for n in names)], force=force,
+                     ours=is_evaluation)
     missing = [n for n in names if not ds.image_path(n).is_file()]
     if missing:
         _refuse_or_warn(f"{len(missing)} of {len(names)} images of the {split} split are missing from "
@@ -131,6 +134,25 @@ def evaluate(
         _refuse_or_warn(f"{len(failed)} of {len(names)} images could not be captioned (listed under 'failed' "
                         f"in {out}; first: {next(iter(failed.values()))})", allow_missing)
     return report
+
+
+def _output_path(model: str | Path, out: str | Path | None, split: str, force: bool) -> Path:
+    """The report's path, refused inside any bundle (its files are hashed, shared or read-only) and where
+    writing it would replace the model's files or a file capcli did not write."""
+    path = Path(out) if out is not None else default_output(model, split)
+    folder = path.absolute().parent
+    if is_bundle_folder(folder):
+        hint = "" if out is not None else " (the default, in the current folder)"
+        raise CapcliError(f"--out '{path}'{hint} is inside the bundle '{folder}'; evaluation is never written "
+                          "in a bundle: pass --out PATH outside it")
+    model = Path(model)
+    return protected_output(path, "--out", inputs=[model] if model.is_file() else [], force=force,
+                            ours=is_evaluation)
+
+
+def is_evaluation(path: Path) -> bool:
+    """Whether the file at `path` is an evaluation report capcli wrote (json.dumps(indent=2) of `evaluate`)."""
+    return starts_with(path, b'{\n  "model": ', b'\n  "runtime": ', b'\n  "split": ')
 
 
 def _refuse_or_warn(problem: str, allow_missing: bool) -> None:

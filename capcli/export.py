@@ -28,7 +28,14 @@ from capcli import __version__, bundle, checkpoint, decoders
 from capcli.attention import AttentionEncoder, AttentionStep
 from capcli.errors import CapcliError
 from capcli.model import DecoderStep, Encoder
-from capcli.paths import atomic_write_json, describe_os_error, make_temp_folder, output_folder
+from capcli.paths import (
+    atomic_write_json,
+    describe_os_error,
+    is_run_folder,
+    output_folder,
+    same_file_as_any,
+    staging_folder,
+)
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the torch.export-based exporter's lowest
@@ -214,11 +221,21 @@ def _parity(tmp: Path, encoder, step_module, batch: np.ndarray, vocab, max_len: 
 OUTPUT_FILES = ("encoder.onnx", "decoder.onnx", "vocab.json")  # and the manifest, written last
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    """Refuse an --out that is a file, read-only, another folder's content or (without --force) a bundle."""
+def _prepare_out(out: Path, force: bool, inputs: list[Path]) -> None:
+    """Refuse an --out that is a file, read-only, another folder's content or (without --force) a bundle.
+
+    A training run's folder, or one where the bundle's files would replace the export's own inputs, is
+    refused even with --force: the run's vocab.json and checkpoints are not export's to replace.
+    """
     output_folder(out)
     if not out.exists():
         return
+    if is_run_folder(out):
+        raise CapcliError(f"--out '{out}' is a training run's folder; export the bundle outside it")
+    for name in (*OUTPUT_FILES, bundle.MANIFEST):
+        source = same_file_as_any(out / name, inputs)
+        if source is not None:
+            raise CapcliError(f"--out '{out}' would replace '{out / name}', an input of this export ({source})")
     if (out / bundle.MANIFEST).exists():
         if not force:
             raise CapcliError(f"bundle '{out}' already exists; use --force to replace it")
@@ -291,7 +308,7 @@ def export(
     check_request(quantize, calibration, tolerance)
     ckpt_path = checkpoint.resolve(run)
     out = Path(out) if out is not None else Path("exported") / ckpt_path.resolve().parent.name
-    _prepare_out(out, force)
+    _prepare_out(out, force, [ckpt_path, *(images or [])])
     ckpt = checkpoint.load(ckpt_path)
     ckpt_sha256 = bundle.sha256_file(ckpt_path)
     spec = get_backbone(ckpt["backbone"])
@@ -312,7 +329,7 @@ def export(
         raise CapcliError("the parity check needs at least 2 readable images; pass --images")
     batch = np.stack(real).astype(np.float32)
 
-    tmp = make_temp_folder(out.parent, prefix=f".{out.name}.")  # beside `out`: renames stay atomic
+    tmp = staging_folder(out.parent, out.name)  # beside `out`: renames stay atomic
     try:
         stamp = {bundle.GRAPH_VOCAB_KEY: vocab.sha256, bundle.GRAPH_MODEL_KEY: ckpt_sha256}
         exporters = _write_graphs(tmp, encoder, step, batch, vocab, opset, stamp, exporter, names)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import time
 from collections import deque
@@ -390,6 +391,9 @@ def extract(
     path = cache_dir(backbone, weights, dataset, output)
     paths = [dataset.image_path(name) for name in dataset.images]
     needed = len(paths) * int(np.prod(row)) * 2
+    fresh = not _is_started(path)
+    # A new cache reserves its whole file on disk (GBs for a large set): a bad --weights is found first.
+    model = _build(backbone, weights, device, engine, output) if fresh and paths else None
     with _cache_writes(path, needed):
         state = _start(path, backbone, weights, dataset, output)
         pending = _pending_rows(path, state, paths)
@@ -400,15 +404,26 @@ def extract(
             workers = _default_workers(device, engine)
         if len(pending) <= batch_size:
             workers = 0  # one batch: starting worker processes would cost more than it hides
-        _extract_rows(backbone, weights, path, state, pending, paths, batch_size, workers, device,
-                      show_progress, stop_after_batches, engine, output)
+        try:
+            _extract_rows(backbone, weights, path, state, pending, paths, batch_size, workers, device,
+                          show_progress, stop_after_batches, engine, output, model)
+        except BaseException:
+            if fresh and not state.done.any():
+                _discard(path, state)  # nothing in it yet: give the reserved space back
+            raise
     meta = state.meta
     del state
     return _open(path, meta)
 
 
+def _discard(path: Path, state: _Progress) -> None:
+    state.features = None  # the memmap must be closed before its file goes
+    (path / "meta.json").unlink(missing_ok=True)  # first: without it the folder is not a cache
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, workers, device,
-                  show_progress, stop_after_batches, engine, output="pooled") -> None:
+                  show_progress, stop_after_batches, engine, output="pooled", model=None) -> None:
     from capcli.console import progress
 
     loader = image_loader(_ImageInputs(pending, [paths[i] for i in pending], backbone.preprocessing),
@@ -416,7 +431,8 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
     # Built now, so a weights problem shows before any image is read; but when only failed images
     # are retried, only once one of them reads (usually none does, and no model is needed).
     retry_only = all(state.meta["images"][row] in state.meta["failed"] for row in pending)
-    model = None if retry_only else _build(backbone, weights, device, engine, output)
+    if model is None and not retry_only:
+        model = _build(backbone, weights, device, engine, output)
     n_images, needed = len(state.done), state.features.size * 2
     with progress(transient=not show_progress) as bar:
         what = f"{backbone.name} grid" if output == "grid" else backbone.name

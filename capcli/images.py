@@ -36,15 +36,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        span = float(arr.max() - arr.min()) or 1.0
-        return Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(_float_to_8bit(np.asarray(img, dtype=np.float64)), mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent areas become white, as a viewer would show them.
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _float_to_8bit(arr: np.ndarray) -> np.ndarray:
+    """A float image stretched over its finite values' range; NaN shows as black, infinities as the extremes.
+    An image with no finite value has nothing to show (and would only give numpy's warnings)."""
+    finite = np.isfinite(arr)
+    if not finite.any():
+        raise ImageError("a floating-point image with no finite pixel value (all NaN or infinite)")
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    with np.errstate(over="ignore", invalid="ignore"):  # a range wider than float64 holds: hi - lo overflows
+        scaled = (np.clip(np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo), lo, hi) - lo) / ((hi - lo) or 1.0)
+    return np.clip(np.nan_to_num(scaled * 255, nan=0.0), 0, 255).astype(np.uint8)
 
 
 def check_size(width: int, height: int) -> None:

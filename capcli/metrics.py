@@ -106,18 +106,40 @@ def _ptb(captions: dict[tuple[str, str], list[str]]) -> dict[tuple[str, str], li
     It tokenizes one caption per line, so empty captions (which may vanish) are kept out of its input and
     anything Python or Java could read as a line break is folded into a space first.
     """
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     flat = [(key, i, " ".join(c.split())) for key, caps in captions.items() for i, c in enumerate(caps)]
     tokens = {key: [""] * len(caps) for key, caps in captions.items()}
     texts = [(key, i, text) for key, i, text in flat if text]
     if texts:
-        out = PTBTokenizer().tokenize({n: [{"caption": text}] for n, (_, _, text) in enumerate(texts)})
-        if sorted(out) != list(range(len(texts))):
-            raise RuntimeError("PTB tokenizer output did not line up with its input")
-        for n, (key, i, _) in enumerate(texts):
-            tokens[key][i] = out[n][0]
+        out = _run_ptb([text for _, _, text in texts])
+        for (key, i, _), line in zip(texts, out, strict=True):
+            tokens[key][i] = line
     return tokens
+
+
+def _run_ptb(lines: list[str]) -> list[str]:
+    """What pycocoevalcap's PTBTokenizer.tokenize does, with its input file in a temporary folder rather than
+    beside its jar in site-packages (read-only in many installs) and java's progress line kept off the
+    terminal."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar = Path(ptbtokenizer.__file__).parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
+    with tempfile.TemporaryDirectory(prefix="capcli-ptb-") as tmp:
+        source = Path(tmp) / "captions.txt"
+        source.write_bytes("\n".join(lines).encode())
+        proc = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", str(source)], capture_output=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        said = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"java exited with {proc.returncode}{': ' + said[-1] if said else ''}")
+    out = proc.stdout.decode().split("\n")
+    if len(out) < len(lines):
+        raise RuntimeError("PTB tokenizer output did not line up with its input")
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS)
+            for line in out[:len(lines)]]
 
 
 def _coco_scores(gts: dict[str, list[str]], res: dict[str, list[str]]) -> dict[str, float]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,82 @@ def output_file(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
+BUNDLE_MANIFEST = "capcli.json"  # capcli.bundle.MANIFEST; bundle imports this module, not the other way round
+RUN_FILES = ("best.pt", "last.pt", "vocab.json")  # beside config.json, what makes a folder a training run
+
+
+def is_bundle_folder(folder: str | Path) -> bool:
+    return os.path.lexists(Path(folder) / BUNDLE_MANIFEST)
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and any((folder / name).exists() for name in RUN_FILES)
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def same_file_as_any(path: str | Path, inputs) -> str | None:
+    """The first of `inputs` that is the file at `path` (the same file by any name, link or hard link)."""
+    target = _identity(path)
+    if target is None:
+        return None
+    return next((str(p) for p in inputs if _identity(p) == target), None)
+
+
+def protected_output(
+    path: str | Path,
+    what: str,
+    *,
+    inputs=(),
+    force: bool = False,
+    ours: Callable[[Path], bool] | None = None,
+) -> Path:
+    """`output_file`, and a file capcli may replace.
+
+    Never one of the command's `inputs` nor a file of a bundle, and of a training run only a report capcli
+    wrote there (`ours`), not even with --force: they are what the command reads or what other commands need.
+    Another existing file only when `ours(path)` says capcli wrote it, or with `force`.
+    """
+    path = output_file(path, what)
+    source = same_file_as_any(path, inputs)
+    if source is not None:
+        raise CapcliError(f"{what} '{path}' is an input of this command ({source}); choose another path")
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if is_bundle_folder(path.parent):
+        raise CapcliError(f"{what} '{path}' is a file of the bundle '{path.parent}'; choose a path outside it")
+    if ours is not None and path.is_file() and not path.is_symlink() and _safely(ours, path):
+        return path
+    if is_run_folder(path.parent):
+        raise CapcliError(f"{what} '{path}' is a file of the training run '{path.parent}'; choose a path "
+                          "outside it")
+    if not force:
+        raise CapcliError(f"{what} '{path}' exists and was not written by capcli; choose another path, or "
+                          "use --force to replace it")
+    return path
+
+
+def _safely(test: Callable[[Path], bool], path: Path) -> bool:
+    try:
+        return bool(test(path))
+    except (OSError, ValueError):
+        return False
+
+
+def starts_with(path: Path, *markers: bytes, within: int = 4096) -> bool:
+    """Whether the first `within` bytes of the file hold every marker: how capcli recognises its own reports."""
+    with open(path, "rb") as f:
+        head = f.read(within)
+    return all(marker in head for marker in markers)
+
+
 def output_folder(path: str | Path, what: str = "--out") -> Path:
     """A user-named path that will become (or is) a folder capcli writes files in."""
     if not str(path).strip():
@@ -117,6 +195,43 @@ def make_temp_folder(parent: str | Path, prefix: str, suffix: str = ".tmp") -> P
     except OSError as exc:
         raise CapcliError(f"cannot create a folder in '{parent}': {describe_os_error(exc)}") from None
     return tmp
+
+
+def staging_folder(parent: str | Path, name: str) -> Path:
+    """A hidden staging folder `.NAME.PID.*.tmp` beside where `name` will be installed, after removing the
+    ones that processes no longer running left behind (killed mid-way, they could not clean up)."""
+    parent = Path(parent)
+    remove_stale_staging(parent, name)
+    return make_temp_folder(parent, prefix=f".{name}.{os.getpid()}.")
+
+
+def remove_stale_staging(parent: Path, name: str) -> list[Path]:
+    """Remove `.NAME.*.tmp` folders in `parent` whose process has ended; those of a running one are kept."""
+    removed = []
+    try:
+        candidates = list(parent.glob(f".{glob_escape(name)}.*.tmp"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        pid = folder.name[len(name) + 2:].split(".", 1)[0]
+        if folder.is_dir() and not folder.is_symlink() and not (pid.isdigit() and _running(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in name)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or a number no process can have: leave it alone
+    return True
 
 
 def cache_root() -> Path:

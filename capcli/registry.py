@@ -45,7 +45,7 @@ def _load(ep: EntryPoint) -> Plugin:
         if obj.name != ep.name:
             raise ValueError(f"entry point '{ep.name}' provides a backbone named '{obj.name}'")
         return Plugin(ep.name, dist, version, obj)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a plugin calling sys.exit on import must not end capcli
         return Plugin(ep.name, dist, version, None, f"{type(exc).__name__}: {exc}")
 
 
@@ -59,6 +59,14 @@ def plugins() -> list[Plugin]:
         if ep.name not in seen:  # the same distribution can be visible twice on sys.path
             seen[ep.name] = _load(ep)
     return sorted(seen.values(), key=lambda p: p.name)
+
+
+def unmatched_names() -> list[str]:
+    """Names in CAPCLI_PLUGINS that no installed entry point has (a typo silently loading nothing)."""
+    allowed = _allowed()
+    if not allowed:
+        return []
+    return sorted(allowed - {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def list_backbones() -> list[Backbone]:
@@ -75,4 +83,5 @@ def get_backbone(name: str) -> Backbone:
                 raise CapcliError(f"backbone '{name}' is installed but failed to load: {plugin.error}")
             return plugin.backbone
     available = ", ".join(p.name for p in found if p.backbone is not None) or "none installed"
-    raise CapcliError(f"unknown backbone '{name}'; available: {available}")
+    restricted = "" if _allowed() is None else f" (CAPCLI_PLUGINS={os.environ['CAPCLI_PLUGINS']!r} limits which load)"
+    raise CapcliError(f"unknown backbone '{name}'{restricted}; available: {available}")

@@ -14,9 +14,11 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from capcli.paths import atomic_write_text
+from capcli.paths import atomic_write_text, starts_with
 
 THUMBNAIL_PX = 160
+# Marks the page as capcli's, so that a later report may replace it and nothing else is replaced unasked.
+GENERATOR = '<meta name="generator" content="capcli">'
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -54,7 +56,7 @@ def write_html(
     path = Path(path)
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        f'<html lang="en"><head><meta charset="utf-8">{GENERATOR}',
         f"<title>{_esc(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{_esc(title)}</h1>",
     ]
@@ -67,6 +69,12 @@ def write_html(
     parts.append("</table></body></html>\n")
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def is_report(path: Path) -> bool:
+    """Whether the file at `path` is a report capcli wrote (this version's or an earlier one's)."""
+    return starts_with(path, b"<!DOCTYPE html>", GENERATOR.encode()) or starts_with(
+        path, b"<!DOCTYPE html>", _STYLE.encode()[:60])
 
 
 def _esc(value: object) -> str:

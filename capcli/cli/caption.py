@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
 
 from capcli.console import err, error, json_line, out, plain, shown
+
+
+def _temperature(value: float) -> float:
+    """Checked here rather than by a range: a range lets NaN through or names it wrongly."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    if not 1e-3 <= value <= 100:
+        raise typer.BadParameter(f"must be from 0.001 to 100, got {value:g}")
+    return value
+
+
+def finite_json(value):
+    """`value` with every non-finite float as null: JSON has no NaN or Infinity, and a parser would reject it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def caption(
@@ -25,11 +46,16 @@ def caption(
     ] = False,
     html: Annotated[str | None, typer.Option(help="Also write an HTML report here.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample words instead of beam search.")] = False,
-    temperature: Annotated[float, typer.Option(min=1e-3, help="Softmax temperature for --sample.")] = 1.0,
+    temperature: Annotated[
+        float, typer.Option(callback=_temperature, help="Softmax temperature for --sample (0.001 to 100).")
+    ] = 1.0,
     top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest words (0 = all).")] = 0,
-    seed: Annotated[int, typer.Option(help="Random seed for --sample.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Random seed for --sample.")] = 0,
     attention: Annotated[
         bool, typer.Option("--attention", help="Attention decoder: per-word attention in --json, heatmaps in --html.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Let --html replace an existing file that is not a capcli report.")
     ] = False,
 ) -> None:
     """Caption images with an exported bundle (ONNX Runtime) or a run (PyTorch).
@@ -37,12 +63,11 @@ def caption(
     Exits 1 when any image could not be captioned (each is named on stderr; the others are captioned).
     """
     from capcli.caption import Sampling, caption_images, find_images, open_captioner
-    from capcli.paths import output_file
 
     _check_beams(beams, beam_size, sample)
-    if html is not None:
-        output_file(html, "--html")  # before any captioning
     paths, problems = find_images(images)
+    if html is not None:
+        _check_html(html, [*paths, model], force)  # before any captioning
     for p in problems:
         error(p)
     captioner = open_captioner(model, runtime=runtime, provider=provider, device=device)
@@ -51,7 +76,7 @@ def caption(
         if r.error:
             error(r.error)
         if as_json:
-            json_line(r.to_dict())
+            json_line(finite_json(r.to_dict()))
 
     sampling = Sampling(temperature, top_k, seed) if sample else None
     results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size, n_best=beams,
@@ -69,6 +94,13 @@ def caption(
         err.print(f"report: {shown(write_html(html, rows, title='capcli captions'))}")
     if problems or any(r.error for r in results):
         raise typer.Exit(1)
+
+
+def _check_html(html: str, inputs: list[str], force: bool) -> None:
+    from capcli.paths import protected_output
+    from capcli.report import is_report
+
+    protected_output(html, "--html", inputs=inputs, force=force, ours=is_report)
 
 
 def _check_beams(beams: int, beam_size: int, sample: bool) -> None:

@@ -42,7 +42,7 @@ def doctor(
 
     report = environment_report()
     if as_json:
-        out.print(json.dumps(report, indent=2), markup=False, highlight=False)
+        out.file.write(json.dumps(report, indent=2) + "\n")  # JSON escapes control characters itself
         return
     lines = [("capcli", report["capcli"]), ("python", f"{report['python']} on {report['platform']}"),
              ("torch", _torch_line(report["torch"])), *_onnxruntime_lines(report["onnxruntime"])]

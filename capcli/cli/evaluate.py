@@ -32,12 +32,15 @@ def evaluate_cmd(
         typer.Option("--out", help="Where to write captions + scores (JSON); default "
                                    "./evaluation-MODEL-SPLIT.json, never inside the bundle."),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Let --out replace an existing file that is not a capcli evaluation.")
+    ] = False,
 ) -> None:
     """Score generated captions on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100)."""
     from capcli.evaluate import evaluate
 
     report = evaluate(model, dataset, images, split, beam_size, runtime, provider, device, limit=limit,
-                      out=out_file, allow_missing=allow_missing)
+                      out=out_file, allow_missing=allow_missing, force=force)
     if as_json:
         json_line({k: v for k, v in report.items() if k != "captions"})
         return

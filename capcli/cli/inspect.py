@@ -14,9 +14,12 @@ def backbones(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the installed backbone plugins."""
-    from capcli.registry import plugins
+    from capcli.console import warn
+    from capcli.registry import plugins, unmatched_names
 
     found = plugins()
+    for name in unmatched_names():
+        warn(f"CAPCLI_PLUGINS names '{name}', which no installed backbone plugin provides")
     rows = []
     for p in found:
         b = p.backbone

@@ -12,7 +12,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib.resources import files
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -59,12 +59,15 @@ class CaptionOptions(BaseModel):
     beam_size: int = Field(3, ge=1, le=MAX_BEAM, description="Beam width; 1 = greedy.")
     n_best: int = Field(1, ge=1, le=MAX_BEAM, description="Alternatives returned per image (<= beam_size).")
     sample: bool = Field(False, description="Sample words instead of beam search.")
-    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature when sampling.")
+    temperature: float = Field(1.0, gt=0, le=100, allow_inf_nan=False,
+                               description="Softmax temperature when sampling.")
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest words (0 = all).")
     seed: int = Field(0, ge=0, lt=2**63, description="Random seed when sampling.")
 
     @model_validator(mode="after")
     def _n_best_within_beam(self) -> CaptionOptions:
+        if self.sample and self.n_best > 1:
+            raise ValueError(f"n_best ({self.n_best}) needs beam search; sample=true gives one caption per image")
         if not self.sample and self.n_best > self.beam_size:
             raise ValueError(f"n_best ({self.n_best}) cannot exceed beam_size ({self.beam_size})")
         return self
@@ -151,6 +154,8 @@ async def _read_uploads(request: Request, settings: ServeSettings) -> tuple[list
                 raise UploadError(f"{name}: files go in the '{IMAGES_FIELD}' field, not '{key}'", 422)
             check_size(name, value.size or 0, settings.max_image_bytes)
             uploads.append((name, await value.read()))
+        elif key in fields:
+            raise UploadError(f"option '{key}' given more than once", 422)
         else:
             fields[key] = value
     await form.close()
@@ -159,11 +164,26 @@ async def _read_uploads(request: Request, settings: ServeSettings) -> tuple[list
     return uploads, fields
 
 
-def _parse_options(fields: dict) -> DecodeOptions:
+def _parse_options(fields: dict, vocab_size: int) -> DecodeOptions:
     try:
-        return DecodeOptions(**CaptionOptions(**fields).model_dump())
+        options = CaptionOptions(**fields)
     except ValidationError as exc:
         raise UploadError(_options_message(exc), 422) from None
+    if options.top_k > vocab_size:
+        raise UploadError(f"top_k: at most the vocabulary's {vocab_size} words, got {options.top_k}", 422)
+    return DecodeOptions(**options.model_dump())
+
+
+def public_manifest(value):
+    """The manifest without the server's absolute paths (where the model was trained and exported): only the
+    last part of each, which names it without telling a client how the machine is laid out."""
+    if isinstance(value, dict):
+        return {k: public_manifest(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_manifest(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or PureWindowsPath(value).drive):
+        return PurePath(value).name or PureWindowsPath(value).name
+    return value
 
 
 def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettings | None = None) -> FastAPI:
@@ -198,14 +218,14 @@ def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettin
     @app.get("/v1/model", summary="The bundle's manifest, the providers in use and the server's limits")
     async def model() -> dict:
         return {"name": bundle.name, "providers": list(captioner.providers), "limits": asdict(settings),
-                "manifest": manifest}
+                "manifest": public_manifest(manifest)}
 
     @app.post("/v1/captions", summary="Caption one or more images", openapi_extra=_captions_openapi())
     async def captions(request: Request) -> JSONResponse:
         started = time.perf_counter()
         with batcher.reading() as reading:
             uploads, fields = await _read_uploads(request, settings)
-            options = _parse_options(fields)
+            options = _parse_options(fields, manifest["vocab_size"])
             images = await run_in_threadpool(
                 lambda: np.stack([image_input(data, name, captioner.preprocessing) for name, data in uploads]))
             read_ms = (time.perf_counter() - started) * 1e3
