@@ -58,20 +58,42 @@ def _hypothesis(
     return Hypothesis(tokens=tokens, log_prob=float(log_prob), score=score, finished=finished, attention=attention)
 
 
-def _words_only(log_probs: np.ndarray, end_id: int, never: tuple[int, ...], length: int) -> np.ndarray:
+def _words_only(
+    log_probs: np.ndarray, end_id: int, never: tuple[int, ...], length: int,
+    paths: np.ndarray | list[list[int]] | None = None, no_repeat_ngram: int = 0,
+) -> np.ndarray:
     """Log-probs without the tokens a caption cannot hold, and without <end> for the first word.
 
-    `never` (the vocabulary's <pad> and <start>) are never training targets, so their scores mean nothing
-    and can win on an image far from the training data. There a model can also find ending at once
-    likelier per word than any caption; an empty answer tells the user nothing, so a caption has at least
-    one word.
+    `never` (the vocabulary's <pad> and <start>, and <unk> when it is suppressed) are never generated:
+    the first two were never training targets, so their scores mean nothing and can win on an image far
+    from the training data. There a model can also find ending at once likelier per word than any
+    caption; an empty answer tells the user nothing, so a caption has at least one word. With
+    `no_repeat_ngram` n, a row whose path so far (`paths`, one per row) would repeat one of its n-grams
+    cannot take the token that completes it (a model lost on an odd photo loops: "a dog a dog a dog").
     """
     banned = list(never) + ([end_id] if length == 1 else [])
-    if not banned:
+    repeats = _repeating(paths, no_repeat_ngram) if no_repeat_ngram and paths is not None else []
+    if not banned and not repeats:
         return log_probs
     log_probs = log_probs.copy()
     log_probs[:, banned] = -np.inf
+    for row, tokens in repeats:
+        log_probs[row, tokens] = -np.inf
     return log_probs
+
+
+def _repeating(paths: np.ndarray | list[list[int]], n: int) -> list[tuple[int, list[int]]]:
+    """(row, tokens that would complete an n-gram the row's path already holds), for rows that have any."""
+    found = []
+    for row, path in enumerate(paths):
+        path = list(path)
+        if len(path) < n:
+            continue
+        prefix = path[len(path) - n + 1 :] if n > 1 else []
+        tokens = [path[i + n - 1] for i in range(len(path) - n + 1) if path[i : i + n - 1] == prefix]
+        if tokens:
+            found.append((row, tokens))
+    return found
 
 
 def _batch_size(state: State) -> int:
@@ -101,6 +123,7 @@ def _walk(
     choose: Chooser,
     context: Context = (),
     never: tuple[int, ...] = (),
+    no_repeat_ngram: int = 0,
 ) -> list[Hypothesis]:
     """Follow one path per row, picking each next token with `choose`, until all rows end or max_len."""
     n = _batch_size(state)
@@ -112,7 +135,7 @@ def _walk(
     finished = np.zeros(n, dtype=bool)
     for length in range(1, max_len + 1):
         log_probs, state, alpha = run_step(step, tokens, state, context)
-        log_probs = _words_only(log_probs, end_id, never, length)
+        log_probs = _words_only(log_probs, end_id, never, length, seqs, no_repeat_ngram)
         tokens = np.asarray(choose(log_probs), dtype=np.int64)
         live = ~finished
         log_prob[live] += log_probs[rows, tokens][live]
@@ -138,11 +161,13 @@ def _stacked(weights: list[np.ndarray], context: Context) -> np.ndarray | None:
 
 def greedy(
     step: Step | ContextStep, state: State, start_id: int, end_id: int, max_len: int = 20, context: Context = (),
-    never: tuple[int, ...] = (),
+    never: tuple[int, ...] = (), no_repeat_ngram: int = 0,
 ) -> list[Hypothesis]:
-    """The most likely next token at every step, for each image of the batch; `never`: ids never generated."""
+    """The most likely next token at every step, for each image of the batch; `never`: ids never generated;
+    `no_repeat_ngram` n > 0: no n-gram twice in a caption."""
     _check(max_len)
-    return _walk(step, state, start_id, end_id, max_len, lambda log_probs: log_probs.argmax(axis=1), context, never)
+    return _walk(step, state, start_id, end_id, max_len, lambda log_probs: log_probs.argmax(axis=1), context, never,
+                 no_repeat_ngram)
 
 
 def sample(
@@ -156,15 +181,19 @@ def sample(
     rng: np.random.Generator | None = None,
     context: Context = (),
     never: tuple[int, ...] = (),
+    no_repeat_ngram: int = 0,
 ) -> list[Hypothesis]:
     """Draw each next token from the (tempered, optionally top-k) distribution; log_prob stays the model's."""
     _check(max_len, temperature=temperature)
+    if not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be 0 (no limit) or positive, got {top_k}")
     rng = rng if rng is not None else np.random.default_rng()
 
     def choose(log_probs: np.ndarray) -> np.ndarray:
-        logits = log_probs.astype(np.float64) / temperature
+        # Only finite entries are divided: -inf (a banned token) / a large temperature must stay -inf, not NaN.
+        logits = np.where(np.isneginf(log_probs), -np.inf, log_probs.astype(np.float64) / temperature)
         # A stable sort puts the first of tied maxima first, as argmax does: top_k=1 is exactly greedy.
         order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k] if top_k else None
         if order is not None:
@@ -174,7 +203,7 @@ def sample(
         pick = np.minimum((cdf < rng.random((len(cdf), 1))).sum(axis=1), cdf.shape[1] - 1)
         return pick if order is None else order[np.arange(len(pick)), pick]
 
-    return _walk(step, state, start_id, end_id, max_len, choose, context, never)
+    return _walk(step, state, start_id, end_id, max_len, choose, context, never, no_repeat_ngram)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,6 +260,7 @@ def beam_search(
     n_best: int = 1,
     context: Context = (),
     never: tuple[int, ...] = (),
+    no_repeat_ngram: int = 0,
 ) -> list[list[Hypothesis]]:
     """Beam search for every image at once; per image, up to n_best hypotheses, best score first.
 
@@ -238,7 +268,8 @@ def beam_search(
     image's pool and its slot is masked to -inf, so an image keeps searching with K minus its finished
     count (beam width 1 is therefore greedy). When no beam of an image ends within max_len, its best
     unfinished beams are returned with finished=False. Context arrays are repeated once per beam. `never`:
-    ids never generated (the vocabulary's <pad> and <start>).
+    ids never generated (the vocabulary's <pad> and <start>); `no_repeat_ngram` n > 0: no n-gram twice in a
+    hypothesis.
     """
     _check(max_len, beam_size=beam_size, n_best=n_best)
     if n_best > beam_size:
@@ -255,7 +286,7 @@ def beam_search(
     done = np.zeros(b, dtype=bool)
     for length in range(1, max_len + 1):
         log_probs, state, alpha = run_step(step, tokens, state, context)
-        log_probs = _words_only(log_probs, end_id, never, length)
+        log_probs = _words_only(log_probs, end_id, never, length, seqs.reshape(b * k, -1), no_repeat_ngram)
         vocab = log_probs.shape[1]
         total = beam_lp[:, :, None] + log_probs.reshape(b, k, vocab)
         index, value = _top_k(total.reshape(b, k * vocab), k)

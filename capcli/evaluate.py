@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from capcli.caption import caption_images, open_captioner
+from capcli.caption import DEFAULT_GUARDS, Guards, caption_images, open_captioner
 from capcli.console import progress, warn
 from capcli.errors import CapcliError
 from capcli.paths import atomic_write_json, is_bundle_folder, protected_output, starts_with
@@ -72,6 +72,7 @@ def evaluate(
     allow_missing: bool = False,
     meteor: bool | None = None,
     force: bool = False,
+    guards: Guards = DEFAULT_GUARDS,
 ) -> dict:
     """Caption `split` of the dataset and score it; writes captions and scores to `out` (JSON).
 
@@ -113,7 +114,7 @@ def evaluate(
     with progress(transient=not show_progress) as bar:
         task = bar.add_task(f"caption {split}", total=len(names), info="")
         results = caption_images(captioner, [ds.image_path(n) for n in names], beam_size=beam_size,
-                                 batch_size=batch_size, on_result=lambda r: bar.advance(task))
+                                 batch_size=batch_size, on_result=lambda r: bar.advance(task), guards=guards)
     by_path = {str(ds.image_path(n)): n for n in names}
     candidates = {by_path[r.image]: r.caption for r in results if r.error is None}
     failed = {by_path[r.image]: r.error for r in results if r.error is not None}
@@ -122,6 +123,7 @@ def evaluate(
     scores = score_captions({n: ds.captions[n] for n in candidates}, candidates, meteor=meteor)
     report = {
         "model": str(model), "runtime": runtime, "dataset": ds.name, "split": split, "beam_size": beam_size,
+        "guards": {"suppress_unk": guards.suppress_unk, "no_repeat_ngram": guards.no_repeat_ngram},
         "images": len(candidates), "split_images": len(ds.splits[split]), "limit": limit,
         "missing": missing, "failed": failed, "scores": scores.values, "tokenizer": scores.tokenizer,
         "skipped": scores.skipped,

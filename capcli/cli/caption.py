@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from capcli.cli.options import AllowUnk, NoRepeatNgram
 from capcli.console import err, error, json_line, out, plain, shown
 
 
@@ -32,7 +33,10 @@ def finite_json(value):
 
 def caption(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
-    model: Annotated[str, typer.Option(help="Bundle folder (onnx) or run dir / bundle (torch).")] = "exported/demo",
+    model: Annotated[
+        str | None,
+        typer.Option(help="Bundle folder (onnx) or run dir / bundle (torch); default: the shipped Flickr8k model."),
+    ] = None,
     runtime: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
     beam_size: Annotated[int, typer.Option(min=1, help="1 = greedy.")] = 3,
     beams: Annotated[
@@ -57,14 +61,17 @@ def caption(
     force: Annotated[
         bool, typer.Option("--force", help="Let --html replace an existing file that is not a capcli report.")
     ] = False,
+    allow_unk: AllowUnk = False,
+    no_repeat_ngram: NoRepeatNgram = 3,
 ) -> None:
     """Caption images with an exported bundle (ONNX Runtime) or a run (PyTorch).
 
     Exits 1 when any image could not be captioned (each is named on stderr; the others are captioned).
     """
-    from capcli.caption import Sampling, caption_images, find_images, open_captioner
+    from capcli.caption import Guards, Sampling, caption_images, default_model, find_images, open_captioner
 
     _check_beams(beams, beam_size, sample)
+    model = model or str(default_model())
     paths, problems = find_images(images)
     if html is not None:
         _check_html(html, [*paths, model], force)  # before any captioning
@@ -80,7 +87,8 @@ def caption(
 
     sampling = Sampling(temperature, top_k, seed) if sample else None
     results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size, n_best=beams,
-                             on_result=show, sampling=sampling, attention=attention)
+                             on_result=show, sampling=sampling, attention=attention,
+                             guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram))
     if not as_json:
         _print_table(results, captioner.runtime, "sampled" if sample else "greedy" if beam_size == 1 else
                      f"beam {beam_size}")

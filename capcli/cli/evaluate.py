@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import ImagesDir
+from capcli.cli.options import AllowUnk, ImagesDir, NoRepeatNgram
 from capcli.console import json_line
 from capcli.tables import print_scores
 
@@ -35,12 +35,16 @@ def evaluate_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Let --out replace an existing file that is not a capcli evaluation.")
     ] = False,
+    allow_unk: AllowUnk = False,
+    no_repeat_ngram: NoRepeatNgram = 3,
 ) -> None:
     """Score generated captions on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100)."""
+    from capcli.caption import Guards
     from capcli.evaluate import evaluate
 
     report = evaluate(model, dataset, images, split, beam_size, runtime, provider, device, limit=limit,
-                      out=out_file, allow_missing=allow_missing, force=force)
+                      out=out_file, allow_missing=allow_missing, force=force,
+                      guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram))
     if as_json:
         json_line({k: v for k, v in report.items() if k != "captions"})
         return

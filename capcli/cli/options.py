@@ -14,3 +14,9 @@ Weights = Annotated[str, typer.Option(help="'imagenet' (download), 'none' (rando
 Engine = Annotated[
     str, typer.Option(help="Feature extraction: auto (ONNX Runtime on CPU, PyTorch on CUDA), torch or onnx.")
 ]
+AllowUnk = Annotated[
+    bool, typer.Option("--allow-unk", help="Let captions hold <unk> (suppressed by default: the model's 'lost' word).")
+]
+NoRepeatNgram = Annotated[
+    int, typer.Option(min=0, max=20, help="No n-gram twice in a caption (0: off; default 3).")
+]
