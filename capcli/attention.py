@@ -115,6 +115,7 @@ class AttentionDecoder(nn.Module):
         lengths = (tokens != self.cfg.pad_id).sum(1)
         order = torch.argsort(lengths, descending=True, stable=True)
         running = (lengths.unsqueeze(0) > torch.arange(steps, device=tokens.device).unsqueeze(1)).sum(1).tolist()
+        running = [m for m in running if m > 0]
         context, projection, h, c = self.encode(grid)
         # index_select, not [rows]: its backward (index_add) sums repeated rows in a fixed order on CPU,
         # where advanced indexing's accumulate is multithreaded and makes runs differ.
@@ -122,20 +123,59 @@ class AttentionDecoder(nn.Module):
         context, projection = context.index_select(0, rows), projection.index_select(0, rows)
         h, c = h.index_select(1, rows), c.index_select(1, rows)
         embedded = self.dropout(self.embed(tokens.index_select(0, order)))
-        hidden, alphas, positions = [], [], []
-        for t, m in enumerate(running):
-            if m == 0:
-                break
-            top, h, c, alpha = self.step(embedded[:m, t], h[:, :m], c[:, :m], context[:m], projection[:m])
-            hidden.append(top)
-            alphas.append(alpha)
-            positions.append(order[:m] * steps + t)
-        where = torch.cat(positions)
+        loop = self._single_layer_steps if self.cfg.num_layers == 1 else self._steps
+        hidden, alphas = loop(embedded, h, c, context, projection, running)
+        where = torch.cat([order[:m] * steps + t for t, m in enumerate(running)])
         logits = self.out(self.dropout(torch.cat(hidden)))
         logits = logits.new_zeros(n * steps, logits.shape[-1]).index_copy(0, where, logits)
         alpha = torch.cat(alphas)
         alpha = alpha.new_zeros(n * steps, alpha.shape[-1]).index_copy(0, where, alpha)
         return logits.view(n, steps, -1), alpha.view(n, steps, -1)
+
+    def _steps(self, embedded, h, c, context, projection, running):
+        """The teacher-forced loop through `step` itself (any number of layers)."""
+        hidden, alphas = [], []
+        for t, m in enumerate(running):
+            top, h, c, alpha = self.step(embedded[:m, t], h[:, :m], c[:, :m], context[:m], projection[:m])
+            hidden.append(top)
+            alphas.append(alpha)
+        return hidden, alphas
+
+    def _single_layer_steps(self, embedded, h, c, context, projection, running):
+        """The same loop as `_steps` for one LSTM layer, arranged for speed on a CPU (same function, same weights).
+
+        Training time goes to many small per-step operations, so: the word embeddings' share of the LSTM
+        gates is one matrix product for all steps; the three products of the previous hidden state
+        (LSTM recurrence, attention query, gate) are one; and the per-image tensors are cut to the running
+        captions only when that number changes, since every cut costs a full-size zero tensor in backward.
+        """
+        lstm, hidden_dim, embed_dim = self.lstm, self.cfg.hidden_dim, self.cfg.embed_dim
+        w_word, w_context = lstm.weight_ih_l0.split([embed_dim, lstm.input_size - embed_dim], dim=1)
+        word_gates = (embedded @ w_word.t() + (lstm.bias_ih_l0 + lstm.bias_hh_l0)).transpose(0, 1).unbind(0)
+        w_h = torch.cat([lstm.weight_hh_l0, self.att_hidden.weight, self.gate.weight])
+        if torch.is_autocast_enabled(embedded.device.type):  # cast once here, not in every step's product
+            dtype = torch.get_autocast_dtype(embedded.device.type)
+            w_h, w_context = w_h.to(dtype), w_context.to(dtype)
+        splits = [4 * hidden_dim, self.cfg.attention_dim, self.cfg.context_dim]
+        h, c = h[0], c[0]
+        hidden, alphas, cut = [], [], None
+        for t, m in enumerate(running):
+            if cut is None or cut[0] != m:
+                cut = (m, context[:m], projection[:m])
+            _, ctx, proj = cut
+            h, c = h[:m], c[:m]
+            recurrent, query, gate = (h @ w_h.t()).split(splits, dim=1)
+            scores = self.att_score(torch.tanh(proj + query.unsqueeze(1))).squeeze(-1)
+            alpha = torch.softmax(scores, dim=-1)
+            attended = torch.bmm(alpha.unsqueeze(1), ctx).squeeze(1)
+            gated = torch.sigmoid(gate + self.gate.bias) * attended
+            gates = word_gates[t][:m] + recurrent + gated @ w_context.t()
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            hidden.append(h)
+            alphas.append(alpha)
+        return hidden, alphas
 
 
 def doubly_stochastic(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ MAX_SEED = 2**31 - 1  # the seed also seeds numpy (>= 0) and per-epoch shuffles 
 DECODER_KINDS = ("pooled", "attention")
 # Options that may differ when a run is resumed: how long and where it runs, not what it learns.
 CHANGEABLE_ON_RESUME = frozenset({"epochs", "patience", "device", "workers", "engine", "feature_batch_size",
-                                  "out", "resume", "given", "extra"})
+                                  "out", "resume", "given", "extra", "precision"})
 
 
 def flag(name: str) -> str:
@@ -98,6 +98,9 @@ RULES = {
     "context_dim": _int_at_least(1, MAX_DIM),
     "attention_dim": _int_at_least(1, MAX_DIM),
     "attention_reg": _number_in(0, 1000, low_open=False, high_open=False),
+    "select_on": _one_of(("cider", "loss")),
+    "label_smoothing": _number_in(0, 1, low_open=False, high_open=True),
+    "precision": _one_of(("auto", "bf16", "fp32")),
 }
 
 
