@@ -42,6 +42,19 @@ SPECIAL_TOKENS = ("pad", "start", "end", "unk")  # ids 0-3 of every capcli vocab
 GRAPH_FILES = ("encoder", "decoder")
 MAX_INPUT_SIZE = 2048  # pixels per side of the network input; far above any backbone's
 MAX_LEN = 1000  # words per caption; a bound so a hand-edited manifest cannot make decoding run for ever
+# Preprocessing works on pixels scaled to [0, 1]: a mean outside that range is no mean of pixels. A std of 1/255
+# (a network fed 0-255 values) is the smallest in use; far below it every pixel's noise is magnified into
+# saturated inputs, far above it the image fades to its mean. Both are a poisoned manifest, not a backbone.
+MEAN_RANGE = (0.0, 1.0)
+STD_RANGE = (1e-3, 10.0)
+# The shorter side before the centre crop: at least the crop (else the crop would not be what the model saw)
+# and at most this many times it (every backbone in use resizes by about 1.14; beyond this the crop would be
+# a small zoomed-in patch of the photo).
+MAX_RESIZE_RATIO = 4
+# The recurrent inputs the decode step feeds (capcli.runtime_onnx.OnnxStep) and the per-image context inputs
+# an attention decoder takes; the encoder outputs each state's initial value as NAME0.
+STATE_INPUTS = ("h", "c")
+CONTEXT_INPUTS = {"pooled": (), "attention": ("grid", "projection")}
 # Keys of the metadata that export writes into both graphs, checked against the manifest on load.
 GRAPH_VOCAB_KEY = "capcli.vocab_sha256"
 GRAPH_MODEL_KEY = "capcli.source_checkpoint_sha256"
@@ -93,7 +106,7 @@ def _one_of(*choices: str) -> Check:
     return check
 
 
-def _numbers(count: int, positive: bool = False) -> Check:
+def _numbers(count: int, positive: bool = False, within: tuple[float, float] | None = None) -> Check:
     def check(v: Any) -> str | None:
         if not isinstance(v, list) or len(v) != count:
             return f"must be a list of {count} numbers"
@@ -102,13 +115,19 @@ def _numbers(count: int, positive: bool = False) -> Check:
                 return f"must be a list of {count} finite numbers"
             if positive and x <= 0:
                 return f"must be a list of {count} positive numbers"
+            if within is not None and not within[0] <= x <= within[1]:
+                return f"must be a list of {count} numbers from {within[0]:g} to {within[1]:g} (got {x:g})"
         return None
 
     return check
 
 
+def is_sha256(v: Any) -> bool:
+    return isinstance(v, str) and _SHA256.fullmatch(v) is not None
+
+
 def _sha256(v: Any) -> str | None:
-    return None if isinstance(v, str) and _SHA256.fullmatch(v) else "must be a sha256 (64 lowercase hex digits)"
+    return None if is_sha256(v) else "must be a sha256 (64 lowercase hex digits)"
 
 
 def _mapping(v: Any) -> str | None:
@@ -118,6 +137,8 @@ def _mapping(v: Any) -> str | None:
 def _names(v: Any) -> str | None:
     if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
         return "must be a list of input names"
+    if len(set(v)) != len(v):
+        return "names an input twice"
     return None
 
 
@@ -144,8 +165,8 @@ SCHEMA: list[tuple[str, Check, bool]] = [
     ("preprocessing", _mapping, True),
     ("preprocessing.input_size", _integer(1, MAX_INPUT_SIZE), True),
     ("preprocessing.resize", _integer(1, 2 * MAX_INPUT_SIZE), True),
-    ("preprocessing.mean", _numbers(3), True),
-    ("preprocessing.std", _numbers(3, positive=True), True),
+    ("preprocessing.mean", _numbers(3, within=MEAN_RANGE), True),
+    ("preprocessing.std", _numbers(3, positive=True, within=STD_RANGE), True),
     ("preprocessing.interpolation", _one_of(*INTERPOLATIONS), True),
     ("preprocessing.crop", _one_of("center"), False),
     ("vocab_size", _integer(len(SPECIAL_TOKENS), 10_000_000), True),
@@ -172,7 +193,7 @@ SCHEMA: list[tuple[str, Check, bool]] = [
     ("grid.width", _integer(1, MAX_INPUT_SIZE), False),
     ("grid.channels", _integer(1), False),
     ("quantization", _mapping, False),  # int8 bundles: how, and what the captions lost (capcli.quantize)
-    ("quantization.mode", _one_of("int8"), False),
+    ("quantization.mode", _one_of("int8", "float16"), False),
 ]
 
 _ABSENT = object()
@@ -202,6 +223,16 @@ def validate_manifest(meta: Any, where: str = MANIFEST) -> dict:
             raise ManifestError(f"{where}: '{key}' {problem}")
     _check_consistency(meta, where)
     return meta
+
+
+def check_resize(meta: dict, where: str = MANIFEST) -> None:
+    """resize against input_size; the runtimes call it once the encoder graph has confirmed input_size, so a
+    wrong input_size is reported as the graph mismatch it is."""
+    prep = meta["preprocessing"]
+    size, resize = prep["input_size"], prep["resize"]
+    if not size <= resize <= MAX_RESIZE_RATIO * size:
+        raise ManifestError(f"{where}: 'preprocessing.resize' must be from input_size ({size}) to "
+                            f"{MAX_RESIZE_RATIO} times it ({MAX_RESIZE_RATIO * size}), got {resize}")
 
 
 def _check_consistency(meta: dict, where: str) -> None:
@@ -237,6 +268,17 @@ def _check_decoder_kind(meta: dict, where: str) -> None:
     if attention != bool(context_inputs(meta)):
         need = "needs" if attention else "cannot have"
         raise ManifestError(f"{where}: 'io.context' is wrong: {_a(decoder_kind(meta))} decoder {need} context inputs")
+    # Only the names the runtime can feed: anything else would surface later as a KeyError deep in decoding.
+    # Whether the graphs take exactly these is checked against the graphs themselves when they are loaded.
+    for key, names, known in (("io.state", state_inputs(meta), STATE_INPUTS),
+                              ("io.context", context_inputs(meta), CONTEXT_INPUTS[decoder_kind(meta)])):
+        if sorted(names) != sorted(known):
+            raise ManifestError(f"{where}: '{key}' must name {_list(known) or 'no input'} for "
+                                f"{_a(decoder_kind(meta))} decoder, not {_list(names) or 'none'}")
+
+
+def _list(names) -> str:
+    return ", ".join(repr(n)[:40] for n in names)
 
 
 def _a(word: str) -> str:
@@ -331,11 +373,132 @@ def _not_a_file(path: Path) -> str:
 
 
 def verify_files(folder: Path, meta: dict) -> None:
-    """Every file the manifest hashes exists inside the folder with that sha256."""
+    """Every file the manifest hashes exists inside the folder with that sha256, and every file a graph loads
+    (ONNX external data) is one of them: an unhashed weights file beside a hashed graph could be swapped."""
     for name, expected in meta["sha256"].items():
         path = bundle_file(folder, name)
         if sha256_file(path) != expected:
             raise CapcliError(f"bundle '{folder}' was altered: sha256 of {name} does not match {MANIFEST}")
+    for role in GRAPH_FILES:
+        graph = meta["files"][role]
+        try:
+            locations = external_data_files(folder / graph)
+        except ValueError as exc:
+            raise CapcliError(f"bundle '{folder}': {graph} is not a readable ONNX graph ({exc})") from None
+        for location in locations:
+            problem = plain_name_problem(location)
+            if problem:
+                raise CapcliError(f"bundle '{folder}': {graph} loads external data from {location!r:.80}, which "
+                                  f"{problem}; refused")
+            if location not in meta["sha256"]:
+                raise CapcliError(f"bundle '{folder}': {graph} loads external data from {location}, which "
+                                  f"{MANIFEST} does not hash; refused (export the run again)")
+
+
+# --- the files an ONNX graph loads, read from its protobuf with the standard library ------------------------
+# onnx is not a runtime dependency, so the few fields that can name a file are walked by hand: every tensor
+# (initializers, sparse ones, Constant and other attributes, in subgraphs and functions too) whose
+# data_location is EXTERNAL names its file in external_data["location"]. Field numbers are onnx.proto's.
+
+_MODEL_MESSAGES = {7: "graph", 20: "training", 25: "function"}  # ModelProto
+_GRAPH_MESSAGES = {1: "node", 5: "tensor", 15: "sparse"}  # GraphProto
+_NODE_MESSAGES = {5: "attribute"}  # NodeProto (FunctionProto's nodes are field 7, as below)
+_FUNCTION_MESSAGES = {7: "node", 11: "attribute"}  # FunctionProto (attribute_proto: defaults)
+_ATTRIBUTE_MESSAGES = {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"}
+_SPARSE_MESSAGES = {1: "tensor", 2: "tensor"}  # SparseTensorProto values, indices
+_TRAINING_MESSAGES = {1: "graph", 2: "graph"}  # TrainingInfoProto initialization, algorithm
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 13, 14, 1
+_MAX_NESTING = 64  # subgraphs inside subgraphs; a hostile file cannot recurse the reader into a crash
+
+
+def external_data_files(path: Path) -> list[str]:
+    """The external data files (ONNX `location`s) the graph at `path` loads, in order, each once."""
+    import mmap
+
+    found: dict[str, None] = {}
+    problem = None
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ValueError("empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            try:
+                _walk(memoryview(mapped), "model", found, 0)
+            except ValueError as exc:
+                # Kept as text: the traceback's frames hold views of the map, which could not close under them.
+                problem = str(exc)
+    if problem is not None:
+        raise ValueError(problem)
+    return list(found)
+
+
+_KINDS = {"model": _MODEL_MESSAGES, "graph": _GRAPH_MESSAGES, "node": _NODE_MESSAGES, "function": _FUNCTION_MESSAGES,
+          "attribute": _ATTRIBUTE_MESSAGES, "sparse": _SPARSE_MESSAGES, "training": _TRAINING_MESSAGES}
+
+
+def _walk(data: memoryview, kind: str, found: dict[str, None], depth: int) -> None:
+    if depth > _MAX_NESTING:
+        raise ValueError("nested too deeply")
+    if kind == "tensor":
+        _tensor(data, found)
+        return
+    children = _KINDS[kind]
+    for field, wire, value in _fields(data):
+        if wire == 2 and field in children:
+            _walk(value, children[field], found, depth + 1)
+
+
+def _tensor(data: memoryview, found: dict[str, None]) -> None:
+    external, locations = False, []
+    for field, wire, value in _fields(data):
+        if field == _TENSOR_DATA_LOCATION and wire == 0:
+            external = value == _EXTERNAL
+        elif field == _TENSOR_EXTERNAL_DATA and wire == 2:
+            entry = {f: bytes(v) for f, w, v in _fields(value) if w == 2}  # StringStringEntryProto: key 1, value 2
+            if entry.get(1) == b"location":
+                locations.append(entry.get(2, b"").decode("utf-8", "replace"))
+    if external:
+        if not locations:
+            raise ValueError("a tensor stored as external data names no location")
+        found.update(dict.fromkeys(locations))
+
+
+def _fields(data: memoryview):
+    """(field number, wire type, value) of each field of one protobuf message: an int for varints and fixed
+    widths, a memoryview for length-delimited fields (no copy: a graph's weights can be hundreds of MB)."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 1 or wire == 5:
+            width = 8 if wire == 1 else 4
+            if pos + width > end:
+                raise ValueError("truncated")
+            value, pos = int.from_bytes(data[pos:pos + width], "little"), pos + width
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > end:
+                raise ValueError("truncated")
+            value, pos = data[pos:pos + length], pos + length
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        if field == 0:
+            raise ValueError("field number 0")
+        yield field, wire, value
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or malformed varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
 
 
 def load_vocabulary(folder: Path, meta: dict):

@@ -6,8 +6,11 @@ identical pixels.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,12 +40,41 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode == "F":
         return Image.fromarray(_float_to_8bit(np.asarray(img, dtype=np.float64)), mode="L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Transparent areas become white, as a viewer would show them.
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+    if _transparent(img):
+        # Transparent areas become white, as a viewer would show them. Pasting through the alpha onto a white
+        # RGB image gives alpha_composite's pixels with two full-size images alive instead of five.
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, (0, 0), rgba)
+        return white
     return img.convert("RGB")
+
+
+def _transparent(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+# Bytes per pixel Pillow holds in memory: 8-bit images with several bands are stored as 4 bytes a pixel.
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+# Bytes per pixel alive at once while _to_rgb turns a decoded image into RGB, on top of the decoded image:
+# float images go through float64 arrays (the array, a temporary or two, the 8-bit result, L and RGB images).
+_FLOAT_WORK_BYTES = 48
+_CONVERT_WORK_BYTES = 4  # the RGB copy
+
+
+def decode_cost(img: Image.Image) -> int:
+    """Peak bytes of memory that decoding `img` and turning it into RGB takes, from its header alone (before a
+    pixel is decoded): pixels x bytes per pixel of the decoded image, of an EXIF turn and of the conversion."""
+    pixels = img.width * img.height
+    stored = _STORED_BYTES.get(img.mode, 4)
+    turned = stored if _may_turn(img) else 0
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        work = _FLOAT_WORK_BYTES
+    elif _transparent(img):  # the white RGB image, and the RGBA conversion when not RGBA already
+        work = _CONVERT_WORK_BYTES + (0 if img.mode == "RGBA" else 4)
+    else:
+        work = _CONVERT_WORK_BYTES
+    return pixels * (stored + turned + work)
 
 
 def _float_to_8bit(arr: np.ndarray) -> np.ndarray:
@@ -75,10 +107,14 @@ _ORIENTATION_IN_INFO = {"JPEG", "MPO", "PNG", "WEBP"}
 _ORIENTATION_KEYS = ("exif", "xmp", "XML:com.adobe.xmp")
 
 
+def _may_turn(img: Image.Image) -> bool:
+    return not (img.format in _ORIENTATION_IN_INFO and not any(k in img.info for k in _ORIENTATION_KEYS))
+
+
 def _upright(img: Image.Image) -> Image.Image:
     """The image turned as its EXIF (or XMP) orientation says. Parsing EXIF that is not there costs as much as
     decoding a small JPEG, so formats that would carry it in `info` skip the parse when it is absent."""
-    if img.format in _ORIENTATION_IN_INFO and not any(k in img.info for k in _ORIENTATION_KEYS):
+    if not _may_turn(img):
         return img
     return ImageOps.exif_transpose(img) or img
 
@@ -90,26 +126,49 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageError(f"{path}: no such file")
     if not path.is_file():
         raise ImageError(f"{path}: not a file")
+    with _reading(str(path)), Image.open(path) as img:
+        check_size(img.width, img.height)
+        img.load()
+        return _to_rgb(_upright(img))
+
+
+@contextlib.contextmanager
+def _reading(where: str) -> Iterator[None]:
+    """Every way an image can be unusable while it is opened and decoded, as one ImageError naming `where`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                check_size(img.width, img.height)
-                img.load()
-                return _to_rgb(_upright(img))
+            yield
     except ImageError as exc:
-        raise ImageError(f"{path}: {exc}") from None
+        raise ImageError(f"{where}: {exc}") from None
     except MemoryError:
-        raise ImageError(f"{path}: not enough memory to decode this image") from None
+        raise ImageError(f"{where}: not enough memory to decode this image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: image too large, refused as a decompression bomb") from None
+        raise ImageError(f"{where}: image too large, refused as a decompression bomb") from None
     except OSError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "cannot identify image file" in msg:
-            raise ImageError(f"{path}: not an image") from None
-        raise ImageError(f"{path}: unreadable image ({msg})") from None
+            raise ImageError(f"{where}: not an image") from None
+        raise ImageError(f"{where}: unreadable image ({msg})") from None
     except (ValueError, SyntaxError) as exc:
-        raise ImageError(f"{path}: unreadable image ({type(exc).__name__})") from None
+        raise ImageError(f"{where}: unreadable image ({type(exc).__name__})") from None
+
+
+Reserve = Callable[[int], contextlib.AbstractContextManager]
+
+
+def decode_pixels(source: IO[bytes], where: str, prep: Preprocessing, reserve: Reserve | None = None) -> np.ndarray:
+    """An image file object resized and centre-cropped: uint8 [S, S, 3], as load_pixels gives for a path.
+
+    `reserve(bytes)` is entered with decode_cost, read from the header, before any pixel is decoded, and left
+    once the full-size images are freed: a server holds it to bound the memory of its concurrent decodes."""
+    with _reading(where), Image.open(source) as img:
+        check_size(img.width, img.height)
+        with reserve(decode_cost(img)) if reserve else contextlib.nullcontext():
+            img.load()
+            pixels = to_pixels(_to_rgb(_upright(img)), prep)  # the full-size RGB copy is freed right here
+            img.close()  # and the decoded one, before the reservation ends
+            return pixels
 
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}

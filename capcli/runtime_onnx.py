@@ -12,10 +12,13 @@ from capcli.bundle import (
     GRAPH_VOCAB_KEY,
     MANIFEST,
     bundle_file,
+    check_resize,
     context_inputs,
     decoder_kind,
+    is_sha256,
     load_vocabulary,
     read_manifest,
+    state_inputs,
 )
 from capcli.errors import CapcliError
 from capcli.providers import choose_providers
@@ -64,6 +67,7 @@ class GraphChecker:
         self.vocab_size = meta["vocab_size"]
         self.context: dict[str, list] = {}  # context input -> its shape, in the encoder's output order
         self.positions = None
+        self.source: tuple[str, str] | None = None  # (graph, source checkpoint sha256) of the first graph checked
         if decoder_kind(meta) == "attention":
             grid, config = meta["grid"], meta["decoder"]
             self.positions = grid["height"] * grid["width"]
@@ -82,9 +86,14 @@ class GraphChecker:
         self._check_metadata(sess, name)
         self._check_values(name, "input", sess.get_inputs(), {"images": [None, 3, self.size, self.size]})
         self._check_values(name, "output", sess.get_outputs(), self.encoder_outputs())
+        # start() takes the initial state and the context from the encoder's outputs by name.
+        self._check_names(name, "outputs", sess.get_outputs(),
+                          [*self.context, *(f"{s}0" for s in state_inputs(self.meta))])
 
     def check_decoder(self, sess, name: str) -> None:
         self._check_metadata(sess, name)
+        self._check_names(name, "inputs", sess.get_inputs(),
+                          ["tokens", *state_inputs(self.meta), *context_inputs(self.meta)])
         state = self.state_shape
         inputs = {"tokens": [None], "h": state, "c": state, **self.context}
         self._check_values(name, "input", sess.get_inputs(), inputs)
@@ -110,10 +119,30 @@ class GraphChecker:
         if props[GRAPH_VOCAB_KEY] != self.meta["vocab_sha256"]:
             raise GraphMismatch(f"bundle '{self.folder}': {name} was exported with another vocabulary "
                                 f"than {MANIFEST} names (a graph from another model?)")
-        model = self.meta.get("source_checkpoint_sha256")
-        if model is not None and props.get(GRAPH_MODEL_KEY) != model:
+        # Each graph names the checkpoint it was exported from, and both must name the same one: read from the
+        # graphs themselves, so a manifest without source_checkpoint_sha256 does not switch the check off.
+        # Every bundle format this capcli reads (2 and 3) stamped it together with the vocabulary's sha256, so a
+        # graph without it was not written by such an export: it is refused, not trusted on the manifest's word.
+        model = props.get(GRAPH_MODEL_KEY)
+        if not is_sha256(model):
+            raise GraphMismatch(f"bundle '{self.folder}': {name} names no source checkpoint in its capcli metadata "
+                                f"(exported by an older capcli, or altered); export the run again")
+        if self.source is None:
+            self.source = (name, model)
+        elif self.source[1] != model:
+            raise GraphMismatch(f"bundle '{self.folder}': {self.source[0]} and {name} were exported from different "
+                                f"checkpoints (a half-swapped bundle); export the run again")
+        manifest = self.meta.get("source_checkpoint_sha256")
+        if manifest is not None and model != manifest:
             raise GraphMismatch(f"bundle '{self.folder}': {name} comes from another checkpoint than {MANIFEST} "
                                 f"names (a graph from another model?)")
+
+    def _check_names(self, name: str, kind: str, values, expected: list[str]) -> None:
+        """The graph's input or output names are exactly those capcli.json's 'io' implies (in any order)."""
+        got = [v.name for v in values]
+        if sorted(got) != sorted(expected):
+            raise GraphMismatch(f"bundle '{self.folder}': {name} has {kind} {_names(got)}, but {MANIFEST} 'io' "
+                                f"implies {_names(expected)}")
 
     def _check_values(self, name: str, kind: str, values, expected: dict | list) -> None:
         if len(values) != len(expected):
@@ -141,6 +170,10 @@ class GraphChecker:
                     f"{_shape(want)} (image size {self.size}, layers {self.layers}, hidden {self.hidden}, "
                     f"vocabulary {self.vocab_size}); a graph from another model?"
                 )
+
+
+def _names(names: list[str]) -> str:
+    return "[" + ", ".join(repr(n)[:40] for n in names[:12]) + (", ..." if len(names) > 12 else "") + "]"
 
 
 def _shape(dims: list) -> str:
@@ -187,6 +220,7 @@ class OnnxCaptioner:
         files = self.meta["files"]
         self.encoder = _session(bundle_file(self.folder, files["encoder"]), providers, explicit)
         checker.check_encoder(self.encoder, files["encoder"])
+        check_resize(self.meta, str(self.folder / MANIFEST))
         decoder = _session(bundle_file(self.folder, files["decoder"]), providers, explicit)
         checker.check_decoder(decoder, files["decoder"])
         self.kind = decoder_kind(self.meta)

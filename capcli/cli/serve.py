@@ -27,7 +27,9 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def serve(
-    bundle: Annotated[str, typer.Argument(help="Bundle folder (made by capcli export).")],
+    bundle: Annotated[
+        str | None, typer.Argument(help="Bundle folder (made by capcli export); default: the shipped Flickr8k model.")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     provider: Annotated[str, typer.Option(help="ONNX Runtime provider: auto, cpu or cuda.")] = "auto",
@@ -38,14 +40,27 @@ def serve(
     max_files: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 16,
     max_image_mb: Annotated[float, typer.Option(min=0.001, help="Largest image file accepted, in MB.")] = 20.0,
     max_queued: Annotated[int, typer.Option(min=1, help="Images waiting before requests get 503.")] = 256,
+    max_decode_mb: Annotated[float, typer.Option(
+        min=1, max=1e6, help="Decoded-image memory of all concurrent decodes together, in MB (reserved from each "
+        "image's header before decoding; an image needing more is refused).")] = 2000.0,
+    max_inflight_mb: Annotated[float, typer.Option(
+        min=1, max=1e6, help="Request bodies being received at once, all clients together, in MB (503 past it).")
+    ] = 512.0,
+    read_timeout: Annotated[float, typer.Option(
+        min=0.1, max=3600, help="Seconds a request body may send nothing before it is cut (408).")] = 30.0,
 ) -> None:
     """Serve a bundle over HTTP: POST /v1/captions, GET /v1/model, /healthz, a web page at / and docs at /docs."""
     import uvicorn
 
+    from capcli.caption import default_model
     from capcli.serve.app import ServeSettings, create_app
 
+    bundle = bundle or str(default_model())
+
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_files=max_files,
-                             max_image_bytes=int(max_image_mb * 1e6), max_queued=max_queued)
+                             max_image_bytes=int(max_image_mb * 1e6), max_queued=max_queued,
+                             max_decode_bytes=int(max_decode_mb * 1e6), max_inflight_bytes=int(max_inflight_mb * 1e6),
+                             read_timeout_s=read_timeout)
     app = create_app(bundle, provider=provider, settings=settings)
     _check_port_free(host, port)
     out.print(f"serving {bundle} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops", markup=False)

@@ -8,7 +8,10 @@ client sends stops the server.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib.resources import files
@@ -20,19 +23,22 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from capcli import __version__
 from capcli.bundle import read_manifest
 from capcli.caption import open_captioner
+from capcli.errors import CapcliError
 from capcli.serve.batcher import DecodeOptions, MicroBatcher, ServerBusy
-from capcli.serve.uploads import UploadError, check_size, display_name, image_input
+from capcli.serve.limits import MB, BodyAccount, DecodeBudget, Refused, UploadBudget, tune_malloc
+from capcli.serve.uploads import IMAGES_FIELD, UploadError, image_input, read_form
 
 STATIC = files("capcli.serve") / "static"
-IMAGES_FIELD = "images"
 MAX_BEAM = 16
 TOO_LARGE = "request body too large (see the limits in GET /v1/model)"
+# uvicorn's own log (shown at info level by `capcli serve`): a client event is a line there like its others.
+log = logging.getLogger("uvicorn.error")
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,29 @@ class ServeSettings:
     max_files: int = 16  # images per request
     max_image_bytes: int = 20_000_000
     max_queued: int = 256  # images waiting before requests are turned away (503)
+    # Decoded-image memory of all concurrent decodes together (capcli.images.decode_cost, from each header).
+    # 2 GB, under a tenth of a 24 GB machine: three 9000x9000 transparent PNGs (648 MB each) at once.
+    max_decode_bytes: int = 2000 * MB
+    # Bytes of request bodies being received at once, over all clients (at least one whole request).
+    max_inflight_bytes: int = 512 * MB
+    read_timeout_s: float = 30.0  # a request body that sends nothing for this long is cut (408)
+    max_read_s: float = 600.0  # and one still arriving after this long (a trickle that never stalls)
+    decode_wait_s: float = 30.0  # how long an image waits for decode memory before 503
+    decode_threads: int = max(1, min(4, os.cpu_count() or 1))  # concurrent decodes, and so malloc arenas
 
     @property
     def max_body_bytes(self) -> int:
         """A request body larger than every allowed image plus room for the form is refused unread."""
         return self.max_files * self.max_image_bytes + 1_000_000
+
+    def check(self) -> None:
+        """Limits that contradict each other are one clear error, not a server that refuses every request."""
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise CapcliError(f"--max-inflight-mb ({self.max_inflight_bytes / MB:g}) must hold one whole request: "
+                              f"--max-files x --max-image-mb + 1 MB = {self.max_body_bytes / MB:g} MB")
+        for name in ("read_timeout_s", "max_read_s", "decode_wait_s"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise CapcliError(f"{name} must be a positive number of seconds")
 
 
 class CaptionOptions(BaseModel):
@@ -77,11 +101,20 @@ class BodyTooLarge(Exception):
     pass
 
 
-class BodyLimit:
-    """ASGI middleware: stops reading a request body past `limit` bytes (413), streamed or not."""
+class BodyStalled(Exception):
+    """The client stopped sending its request body (or sends it too slowly to ever finish)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+
+BODY_ACCOUNT = "capcli.body"  # scope key of the request's BodyAccount, released once its images are decoded
+
+
+class BodyLimit:
+    """ASGI middleware over every request body: past `limit` bytes it stops reading (413), streamed or not;
+    bytes being received count against the server-wide upload budget (503 past it); a body that sends
+    nothing for `idle_s`, or is still arriving after `total_s`, is cut (408)."""
+
+    def __init__(self, app, limit: int, uploads: UploadBudget, idle_s: float, total_s: float):
+        self.app, self.limit, self.uploads, self.idle_s, self.total_s = app, limit, uploads, idle_s, total_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -89,17 +122,34 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.limit:  # refused before a byte of it is read
             return await _error(413, TOO_LARGE)(scope, receive, send)
-        seen = 0
+        seen, done = 0, False
+        account = scope[BODY_ACCOUNT] = BodyAccount(self.uploads)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.total_s
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
+            nonlocal seen, done
+            if done:  # the body is in: later receives wait for a disconnect, which is not a stall
+                return await receive()
+            left = min(self.idle_s, deadline - loop.time())
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), left)
+            except TimeoutError:
+                raise BodyStalled() from None
+            body = message.get("body", b"")
+            seen += len(body)
             if seen > self.limit:
                 raise BodyTooLarge()
+            account.take(len(body))
+            done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            account.release()
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -145,23 +195,8 @@ def image_result(name: str, hypotheses: list) -> dict:
 
 
 async def _read_uploads(request: Request, settings: ServeSettings) -> tuple[list[tuple[str, bytes]], dict]:
-    form = await request.form(max_files=settings.max_files, max_fields=64)
-    uploads, fields = [], {}
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            name = display_name(value.filename, len(uploads))
-            if key != IMAGES_FIELD:
-                raise UploadError(f"{name}: files go in the '{IMAGES_FIELD}' field, not '{key}'", 422)
-            check_size(name, value.size or 0, settings.max_image_bytes)
-            uploads.append((name, await value.read()))
-        elif key in fields:
-            raise UploadError(f"option '{key}' given more than once", 422)
-        else:
-            fields[key] = value
-    await form.close()
-    if not uploads:
-        raise UploadError(f"no images: send them as multipart/form-data files in the field '{IMAGES_FIELD}'")
-    return uploads, fields
+    return await read_form(request.headers.get("content-type"), request.stream(), settings.max_files,
+                           settings.max_image_bytes)
 
 
 def _parse_options(fields: dict, vocab_size: int) -> DecodeOptions:
@@ -189,22 +224,35 @@ def public_manifest(value):
 def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettings | None = None) -> FastAPI:
     """The app for one bundle; its ONNX sessions are created here, once (CapcliError if the bundle is bad)."""
     settings = settings or ServeSettings()
+    settings.check()
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     captioner = open_captioner(bundle, runtime="onnx", provider=provider)
     batcher = MicroBatcher(captioner, settings.max_batch, settings.max_wait_ms / 1e3, settings.max_queued,
                            wait_for_readers=True)
+    decode_budget = DecodeBudget(settings.max_decode_bytes, settings.decode_wait_s)
+    upload_budget = UploadBudget(settings.max_inflight_bytes)
+    decoders: list[ThreadPoolExecutor] = []  # made per lifespan: a pool once shut down cannot run again
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        tune_malloc()
+        # A few long-lived decode threads: they cap concurrent decodes, and glibc's per-thread heaps with them.
+        decoders.append(ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="capcli-decode"))
         batcher.start()
         yield
         await run_in_threadpool(batcher.stop)
+        decoders.pop().shutdown(wait=False, cancel_futures=True)
+
+    def decode_all(uploads: list[tuple[str, bytes]]) -> np.ndarray:
+        return np.stack([image_input(data, name, captioner.preprocessing, decode_budget) for name, data in uploads])
 
     app = FastAPI(title="capcli", version=__version__, lifespan=lifespan,
                   description=f"Image captions from the bundle `{bundle.name}` ({manifest['backbone']}).")
+    app.state.decode_budget, app.state.upload_budget = decode_budget, upload_budget  # for tests and benchmarks
     _add_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, uploads=upload_budget,
+                       idle_s=settings.read_timeout_s, total_s=settings.max_read_s)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -226,13 +274,17 @@ def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettin
         with batcher.reading() as reading:
             uploads, fields = await _read_uploads(request, settings)
             options = _parse_options(fields, manifest["vocab_size"])
-            images = await run_in_threadpool(
-                lambda: np.stack([image_input(data, name, captioner.preprocessing) for name, data in uploads]))
+            names = [name for name, _ in uploads]
+            images = await asyncio.wrap_future(decoders[-1].submit(decode_all, uploads))
+            del uploads  # the encoded bytes are done with: free them and their share of the upload budget
+            account = request.scope.get(BODY_ACCOUNT)
+            if account is not None:
+                account.release()
             read_ms = (time.perf_counter() - started) * 1e3
             answer = reading.submit(images, options)
         done = await asyncio.wrap_future(answer)
         timings = {"read": read_ms, **done.timings_ms, "total": (time.perf_counter() - started) * 1e3}
-        results = [image_result(name, hyps) for (name, _), hyps in zip(uploads, done.hypotheses, strict=True)]
+        results = [image_result(name, hyps) for name, hyps in zip(names, done.hypotheses, strict=True)]
         return JSONResponse({"model": bundle.name, "options": asdict(options), "results": results,
                              "batch_images": done.batch_images,
                              "timings_ms": {k: round(v, 2) for k, v in timings.items()}})
@@ -249,6 +301,21 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _too_large(_request, _exc):
         return _error(413, TOO_LARGE)
 
+    @app.exception_handler(Refused)
+    async def _refused(_request, exc: Refused):
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(BodyStalled)
+    async def _stalled(request: Request, _exc):
+        log.info("%s: request body cut: no data for too long", _peer(request))
+        return _error(408, "request body stalled: nothing received for too long (see the limits in GET /v1/model)")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _exc):
+        # Nobody is left to answer: one line in the log, not a traceback (the response goes nowhere).
+        log.info("%s: client disconnected before its request was read", _peer(request))
+        return _error(400, "client disconnected")
+
     @app.exception_handler(ServerBusy)
     async def _busy(_request, exc: ServerBusy):
         return _error(503, str(exc))
@@ -260,6 +327,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request, exc: Exception):
         return _error(500, f"captioning failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "a client"
 
 
 def _captions_openapi() -> dict:
