@@ -179,7 +179,9 @@ def parity_images(ckpt: dict, images: list[Path] | None, count: int = 4) -> list
         ds = load_dataset(tc["dataset"], images=tc.get("images"), seed=tc.get("seed", 0))
     except CapcliError as exc:
         raise CapcliError(f"cannot find the run's dataset for the parity check ({exc}); pass --images") from None
-    names = [n for n in (ds.splits["test"] or ds.images) if ds.image_path(n).is_file()][:count]
+    # The test split first; a dataset whose test photos are held back (kept for scoring elsewhere) has val's.
+    candidates = [*ds.splits.get("test", []), *ds.splits.get("val", []), *ds.images]
+    names = list(dict.fromkeys(n for n in candidates if ds.image_path(n).is_file()))[:count]
     return [ds.image_path(n) for n in names]
 
 
@@ -343,7 +345,8 @@ def export(
         if quantize:
             from capcli.quantize import quantize_bundle
 
-            quantization = quantize_bundle(tmp, ckpt, spec.preprocessing, vocab, calibration, tolerance)
+            quantization = quantize_bundle(tmp, ckpt, spec.preprocessing, vocab, calibration, tolerance,
+                                           mode=quantize)
         atomic_write_json(tmp / "vocab.json", vocab.to_json())
         manifest = _manifest(tmp, ckpt, ckpt_path, ckpt_sha256, spec, vocab, opset, exporters, parity)
         if quantization:

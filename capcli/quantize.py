@@ -33,7 +33,7 @@ from capcli.backbone import Preprocessing
 from capcli.bias_correction import correct_biases
 from capcli.errors import CapcliError
 
-MODES = ("int8",)
+MODES = ("int8", "float16")  # float16: weights stored as float16, computed in float32 (half the bytes)
 DEFAULT_CALIBRATION = 300  # training images whose activation ranges calibrate the encoder
 DEFAULT_PARITY_IMAGES = 200  # validation images captioned by both bundles
 PARITY_BEAM = 3  # captions are compared as `capcli caption` makes them by default:
@@ -58,9 +58,9 @@ def check_request(mode: str | None, calibration: int | None, tolerance: Toleranc
     if mode is not None and mode not in MODES:
         raise CapcliError(f"unknown quantization '{mode}'; use {', '.join(MODES)}")
     if tolerance is not None and mode is None:
-        raise CapcliError("--min-agreement and --max-cider-loss need --quantize int8")
-    if calibration is not None and (mode is None or calibration < 1):
-        raise CapcliError("--calibration needs --quantize int8" if mode is None
+        raise CapcliError("--min-agreement and --max-cider-loss need --quantize int8 or float16")
+    if calibration is not None and (mode != "int8" or calibration < 1):
+        raise CapcliError("--calibration needs --quantize int8" if mode != "int8"
                           else f"--calibration needs at least 1 image, got {calibration}")
 
 
@@ -303,17 +303,18 @@ def caption_sample(captioner, ds, names: list[str]) -> dict[str, str]:
     return {n: r.caption or "" for n, r in zip(names, results, strict=True) if r.error is None}
 
 
-def caption_parity(ds, float_caps: dict[str, str], int8_caps: dict[str, str]) -> dict:
-    """Agreement % and BLEU-4 / CIDEr-D of both bundles' captions against the references."""
+def caption_parity(ds, float_caps: dict[str, str], int8_caps: dict[str, str], label: str = "int8") -> dict:
+    """Agreement % and BLEU-4 / CIDEr-D of both bundles' captions against the references (the second's under
+    `label`, the mode)."""
     from capcli.metrics import score_captions
 
     names = [n for n in float_caps if n in int8_caps]
     refs = {n: ds.captions[n] for n in names}
     scores = {}
-    for label, caps in (("float32", float_caps), ("int8", int8_caps)):
+    for name, caps in (("float32", float_caps), (label, int8_caps)):
         s = score_captions(refs, {n: caps[n] for n in names}, meteor=False, tokenizer="simple").values
-        scores[label] = {"BLEU-4": s["BLEU-4"], "CIDEr-D": s["CIDEr-D"]}
-    cider_f, cider_q = scores["float32"]["CIDEr-D"], scores["int8"]["CIDEr-D"]
+        scores[name] = {"BLEU-4": s["BLEU-4"], "CIDEr-D": s["CIDEr-D"]}
+    cider_f, cider_q = scores["float32"]["CIDEr-D"], scores[label]["CIDEr-D"]
     return {
         "images": len(names),
         "beam_size": PARITY_BEAM,
@@ -321,19 +322,20 @@ def caption_parity(ds, float_caps: dict[str, str], int8_caps: dict[str, str]) ->
         "agreement_percent": 100.0 * sum(float_caps[n] == int8_caps[n] for n in names) / len(names),
         "scores": scores,
         "cider_loss_percent": 100.0 * (cider_f - cider_q) / cider_f if cider_f > 0 else 0.0,
-        "bleu4_difference": scores["int8"]["BLEU-4"] - scores["float32"]["BLEU-4"],
+        "bleu4_difference": scores[label]["BLEU-4"] - scores["float32"]["BLEU-4"],
     }
 
 
-def verdict(parity: dict, tolerance: Tolerance) -> str | None:
-    """Why the int8 bundle is refused, or None when it is within tolerance."""
+def verdict(parity: dict, tolerance: Tolerance, label: str = "int8") -> str | None:
+    """Why the int8 (or float16) bundle is refused, or None when it is within tolerance."""
     agreement, loss = parity["agreement_percent"], parity["cider_loss_percent"]
     if agreement >= tolerance.min_agreement and loss <= tolerance.max_cider_loss:
         return None
     s = parity["scores"]
     return (
-        f"the int8 bundle loses too much on {parity['images']} validation images: captions agree {agreement:.1f}%, "
-        f"CIDEr-D {s['int8']['CIDEr-D']:.1f} vs {s['float32']['CIDEr-D']:.1f} float ({0.0 - loss:+.1f}%); "
+        f"the {label} bundle loses too much on {parity['images']} validation images: captions agree "
+        f"{agreement:.1f}%, CIDEr-D {s[label]['CIDEr-D']:.1f} vs {s['float32']['CIDEr-D']:.1f} float "
+        f"({0.0 - loss:+.1f}%); "
         f"tolerance: {tolerance.describe()}; bundle not written"
     )
 
@@ -361,10 +363,42 @@ def _graph_names(ckpt: dict):
     return GRAPHS[decoders.kind_of(ckpt)]
 
 
+def float16_weights(src: Path, dst: Path, min_elements: int = 1024) -> int:
+    """The graph with its float32 weights stored as float16, each cast back to float32 by a Cast node.
+
+    ONNX Runtime folds a Cast of a constant when it loads the graph, so the session computes in float32
+    exactly as before, with weights rounded to float16: half the file for the same speed. Small tensors
+    (biases, norms, shapes) stay float32. Returns how many weights were stored as float16.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    casts, kept = [], []
+    for init in model.graph.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
+            kept.append(init)
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}__float16")
+        kept.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                      name=f"{init.name}__to_float32"))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = casts + list(model.graph.node)  # the casts first: every node after them reads their outputs
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return len(casts)
+
+
 def quantize_bundle(folder: Path, ckpt: dict, prep: Preprocessing, vocab, calibration: int | None = None,
-                    tolerance: Tolerance | None = None, parity_images: int = DEFAULT_PARITY_IMAGES) -> dict:
-    """Replace the float graphs in `folder` (a bundle being written) by int8 ones; returns the figures for
-    capcli.json. Raises CapcliError, leaving `folder` as it was, when the int8 captions lose too much."""
+                    tolerance: Tolerance | None = None, parity_images: int = DEFAULT_PARITY_IMAGES,
+                    mode: str = "int8") -> dict:
+    """Replace the float graphs in `folder` (a bundle being written) by int8 (or float16-stored) ones; returns the
+    figures for capcli.json. Raises CapcliError, leaving `folder` as it was, when the captions lose too much."""
+    if mode == "float16":
+        return _float16_bundle(folder, ckpt, prep, vocab, tolerance or Tolerance(), parity_images)
     calibration = calibration or DEFAULT_CALIBRATION
     tolerance = tolerance or Tolerance()
     ds = run_dataset(ckpt)
@@ -405,6 +439,45 @@ def quantize_bundle(folder: Path, ckpt: dict, prep: Preprocessing, vocab, calibr
         "decoder": "dynamic, int8 MatMul/Gemm weights",
         "calibration_images": len(images),
         "calibration_split": "train",
+        "graph_bytes": sizes,
+        "parity": parity,
+        "tolerance": asdict(tolerance),
+    }
+
+
+def _float16_bundle(folder: Path, ckpt: dict, prep: Preprocessing, vocab, tolerance: Tolerance,
+                    parity_images: int) -> dict:
+    """As `quantize_bundle` for float16-stored weights: no calibration, judged by captions the same way."""
+    ds = run_dataset(ckpt)
+    sample = parity_sample(ds, parity_images)
+    max_len, context = int(ckpt["max_len"]), _graph_names(ckpt).context
+    work = folder / ".float16"
+    work.mkdir()
+    try:
+        enc, dec = folder / "encoder.onnx", folder / "decoder.onnx"
+        stored = {}
+        for name in ("encoder.onnx", "decoder.onnx"):
+            with _quantizer_errors(name):
+                stored[name] = float16_weights(folder / name, work / name)
+            _copy_metadata(folder / name, work / name)
+        float_caps = caption_sample(GraphCaptioner(enc, dec, vocab, prep, max_len, context), ds, sample)
+        half_caps = caption_sample(
+            GraphCaptioner(work / "encoder.onnx", work / "decoder.onnx", vocab, prep, max_len, context), ds, sample)
+        parity = caption_parity(ds, float_caps, half_caps, label="float16")
+        refusal = verdict(parity, tolerance, label="float16")
+        if refusal:
+            raise CapcliError(refusal)
+        sizes = {"float32": enc.stat().st_size + dec.stat().st_size}
+        os.replace(work / "encoder.onnx", enc)
+        os.replace(work / "decoder.onnx", dec)
+        sizes["float16"] = enc.stat().st_size + dec.stat().st_size
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "mode": "float16",
+        "encoder": "weights stored as float16, computed in float32",
+        "decoder": "weights stored as float16, computed in float32",
+        "float16_weights": stored,
         "graph_bytes": sizes,
         "parity": parity,
         "tolerance": asdict(tolerance),

@@ -110,6 +110,25 @@ def test_int8_export_reports_its_figures(env):
     assert "captions agree" in result.stdout and "CIDEr-D" in result.stdout
 
 
+def test_float16_bundle_halves_the_weights_and_captions_as_float(env, val_sample):
+    ds, names = val_sample
+    result = export_cli(env["run"], env["tmp"] / "half", "--quantize", "float16")
+    assert result.exit_code == 0, result.output
+    assert "float16 weights: graphs" in result.stdout and "captions agree" in result.stdout
+    meta = json.loads((env["tmp"] / "half" / "capcli.json").read_text())
+    q = meta["quantization"]
+    # The tiny model's tensors are mostly under float16_weights' 1024-element floor: smaller, not half.
+    assert q["mode"] == "float16" and q["graph_bytes"]["float16"] < q["graph_bytes"]["float32"]
+    assert sum(q["float16_weights"].values()) > 0
+    model = onnx.load(str(env["tmp"] / "half" / "decoder.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    paths = [ds.image_path(n) for n in names[:8]]
+    half = caption_images(open_captioner(env["tmp"] / "half", "onnx", provider="cpu"), paths)
+    full = caption_images(open_captioner(env["float"], "onnx", provider="cpu"), paths)
+    assert [r.caption for r in half] == [r.caption for r in full]
+    assert np.allclose([r.score for r in half], [r.score for r in full], atol=1e-2)
+
+
 def test_int8_graphs_are_quantized(env):
     enc, dec = env["int8"] / "encoder.onnx", env["int8"] / "decoder.onnx"
     assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(enc)
@@ -280,10 +299,10 @@ def test_unreadable_calibration_images_are_one_clear_error(env, tmp_path):
     ("options", "message"),
     [
         (["--calibration", "10"], "error: --calibration needs --quantize int8"),
-        (["--quantize", "fp4"], "error: unknown quantization 'fp4'; use int8"),
+        (["--quantize", "fp4"], "error: unknown quantization 'fp4'; use int8, float16"),
         (["--quantize", "int8", "--calibration", "0"], "error: --calibration needs at least 1 image, got 0"),
-        (["--min-agreement", "95"], "error: --min-agreement and --max-cider-loss need --quantize int8"),
-        (["--max-cider-loss", "1"], "error: --min-agreement and --max-cider-loss need --quantize int8"),
+        (["--min-agreement", "95"], "error: --min-agreement and --max-cider-loss need --quantize int8 or float16"),
+        (["--max-cider-loss", "1"], "error: --min-agreement and --max-cider-loss need --quantize int8 or float16"),
     ],
 )
 def test_bad_quantization_requests_are_one_clear_error(env, options, message, tmp_path):

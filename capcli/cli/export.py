@@ -22,8 +22,9 @@ def export_cmd(
         bool, typer.Option(help="Replace an existing bundle's files (other files in the folder are kept).")
     ] = False,
     quantize: Annotated[
-        str | None, typer.Option(help="int8: quantize the graphs (encoder statically, decoder dynamically), "
-                                      "judged by captions on validation images against the float bundle.")
+        str | None, typer.Option(help="int8: quantize the graphs (encoder statically, decoder dynamically); "
+                                      "float16: store the weights as float16 (half the size, float32 compute). "
+                                      "Judged by captions on validation images against the float bundle.")
     ] = None,
     calibration: Annotated[
         int | None, typer.Option(help="Training images that calibrate the int8 encoder (default 300).")
@@ -65,6 +66,15 @@ def export_cmd(
 
 def _print_quantization(q: dict) -> None:
     p, tol = q["parity"], q["tolerance"]
+    if q["mode"] == "float16":
+        size = q["graph_bytes"]
+        out.print(
+            f"float16 weights: graphs {size['float16'] / 2**20:.1f} MiB vs {size['float32'] / 2**20:.1f} MiB; on "
+            f"{p['images']} validation images (beam {p['beam_size']}) captions agree {p['agreement_percent']:.1f}% "
+            f"(>= {tol['min_agreement']:g}%), CIDEr-D {p['scores']['float16']['CIDEr-D']:.1f} vs "
+            f"{p['scores']['float32']['CIDEr-D']:.1f}"
+        )
+        return
     size, n = q["graph_bytes"], q["calibration_images"]
     corrected = q.get("encoder_bias_corrected_convs")
     out.print(
