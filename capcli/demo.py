@@ -85,6 +85,7 @@ def run_demo(n_images: int = IMAGES, epochs: int = EPOCHS, bundle: str = "export
     # given=(): a demo run of an earlier capcli version resumes with its own settings
     cfg = TrainConfig(backbone=BACKBONE, dataset=str(data_dir), weights="imagenet", out=run, epochs=epochs,
                       batch_size=64, hidden_dim=256, embed_dim=128, context_dim=128, attention_dim=64,
+                      dropout=0.3, label_smoothing=0.0,
                       lr=LR, lr_keep_epochs=max(1, epochs - 1), lr_decay=LAST_EPOCH_LR,
                       resume=resume, patience=3, decoder=decoder, given=())
     train(cfg)

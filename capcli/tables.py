@@ -19,10 +19,12 @@ def print_training(run_dir) -> None:
                       f"{h['val_cider']:.1f}", f"{h['tokens_per_s']:,.0f}", f"{h['lr']:.1e}",
                       "best" if h.get("best") else "")
     out.print(table)
-    best = min(history, key=lambda h: h["val_loss"])
+    improved = [h for h in history if h.get("best")]  # the last improvement is what best.pt holds
+    best = improved[-1] if improved else min(history, key=lambda h: h["val_loss"])
     best_pt = run_dir / "best.pt"
     if best_pt.is_file():  # a run stopped early may have none
-        out.print(f"best epoch {best['epoch']} (val loss {best['val_loss']:.3f}): its weights are {best_pt}")
+        out.print(f"best epoch {best['epoch']} (val CIDEr-D {best['val_cider']:.1f}, val loss {best['val_loss']:.3f}): "
+                  f"its weights are {best_pt}")
 
 
 def print_scores(report: dict) -> None:
