@@ -36,6 +36,23 @@ def train_and_export(kind: str, data: Path, work: Path, args) -> tuple[Path, Pat
     return run, export(run, work / f"bundle-{kind}", force=True), history
 
 
+def scst_after(kind: str, baseline: str, run: Path, work: Path, args) -> tuple[Path, Path, list[dict]]:
+    """The cross-entropy run fine-tuned with self-critical training (in a copy of its folder), exported."""
+    import shutil
+
+    from capcli.export import export
+    from capcli.scst import ScstConfig, scst
+
+    out = work / f"run-{kind}-scst-{baseline}"
+    if not (out / "scst").is_dir():  # a copy that SCST has not started on yet (or a fresh one)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(run, out)
+    scst(ScstConfig(run=str(out), epochs=args.scst_epochs, baseline=baseline, device="cpu", seed=args.seed),
+         show_progress=False)
+    history = [json.loads(line) for line in (out / "scst" / "metrics.jsonl").read_text().splitlines()]
+    return out, export(out, work / f"bundle-{kind}-scst-{baseline}", force=True), history
+
+
 def decode_timing(bundle: Path, images: list[Path], beam: int, reps: int) -> tuple[float, float]:
     """(encoder s, beam decode s) per batch of `images`, ONNX Runtime on the CPU."""
     from capcli.caption import decode_states, open_captioner, start_batch
@@ -60,6 +77,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dropout", type=float, help="decoder dropout (default: capcli train's)")
     ap.add_argument("--work", help="keep runs and bundles here (default: a temporary folder)")
+    ap.add_argument("--scst", default="", help="also fine-tune each run with SCST, one row per baseline "
+                    "(e.g. greedy,mean); the training columns of those rows are SCST's")
+    ap.add_argument("--scst-epochs", type=int, default=5)
     args = ap.parse_args()
 
     from capcli.data.readers import load_dataset
@@ -73,16 +93,24 @@ def main() -> None:
         data = default_synthetic(n_images=args.images, seed=0)
         ds = load_dataset(str(data), seed=0)
         timing_images = [ds.image_path(n) for n in ds.splits["test"][: args.batch]]
-        rows = {}
-        for kind in args.decoders.split(","):
+        rows, trained = {}, {}
+        runs = [(kind, None) for kind in args.decoders.split(",")]
+        runs += [(kind, b) for kind in args.decoders.split(",") for b in args.scst.split(",") if b]
+        for kind, baseline in runs:
             t = time.perf_counter()
-            run, bundle, history = train_and_export(kind, data, work, args)
+            if baseline is None:
+                run, bundle, history = train_and_export(kind, data, work, args)
+                trained[kind] = run
+            else:  # SCST samples captions rather than teacher-forcing them: no tokens/s
+                run, bundle, history = scst_after(kind, baseline, trained[kind], work, args)
+                for h in history:
+                    h["tokens_per_s"] = float("nan")
             train_s = time.perf_counter() - t
             report = evaluate(bundle, str(data), split="test", beam_size=args.beam, runtime="onnx",
                               provider="cpu", out=work / f"evaluation-{kind}.json", show_progress=False)
             encode, decode = decode_timing(bundle, timing_images, args.beam, args.reps)
             truth = report["colour_shape_correct"] or {}
-            rows[kind] = {
+            rows[kind if baseline is None else f"{kind}+scst-{baseline}"] = {
                 "BLEU-4": report["scores"]["BLEU-4"], "CIDEr-D": report["scores"]["CIDEr-D"],
                 "main %": truth.get("main_object", float("nan")), "every %": truth.get("all_named", float("nan")),
                 "decode ms/img": decode / args.batch * 1e3, "decode/enc %": 100 * decode / encode,
@@ -93,9 +121,9 @@ def main() -> None:
         print(f"synthetic set of {args.images} images, test split {report['images']} images, ONNX Runtime, "
               f"beam {args.beam}, efficientnet_lite0 (imagenet); decode timed on batches of {args.batch}")
         columns = list(next(iter(rows.values())))
-        print(f"{'decoder':10}" + "".join(f"{c:>15}" for c in columns))
+        print(f"{'decoder':24}" + "".join(f"{c:>15}" for c in columns))
         for kind, row in rows.items():
-            print(f"{kind:10}" + "".join(f"{v:15.1f}" if isinstance(v, float) else f"{v:15}" for v in row.values()))
+            print(f"{kind:24}" + "".join(f"{v:15.1f}" if isinstance(v, float) else f"{v:15}" for v in row.values()))
 
 
 if __name__ == "__main__":

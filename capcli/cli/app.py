@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older Typer on the real click
 
 # What only `pip install capcli[train]` brings: the training commands and --runtime torch need it.
 TRAINING_STACK = {"torch", "torchvision", "onnx", "onnxscript", "matplotlib", "kagglehub", "timm"}
-TRAINING_COMMANDS = {"features", "train", "export", "demo"}
+TRAINING_COMMANDS = {"features", "train", "scst", "export", "demo"}
 NEEDS_TRAINING_STACK = "this command needs the training stack ({module} is not installed): pip install 'capcli[train]'"
 
 
@@ -109,6 +109,7 @@ def _root(
 app.command()(inspect.backbones)
 app.command()(train.features)
 app.command()(train.train)
+app.command()(train.scst)
 app.command("export")(export.export_cmd)
 app.command()(caption.caption)
 app.command("evaluate")(evaluate.evaluate_cmd)

@@ -58,17 +58,17 @@ def train(
     images: ImagesDir = None,
     weights: Weights = "imagenet",
     epochs: Annotated[int, typer.Option(help="Epochs in all (with --resume: may be raised to train longer).")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Captions per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Captions per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
     lr_keep_epochs: Annotated[int, typer.Option(help="Epochs at the initial LR before decay.")] = 3,
     lr_decay: Annotated[float, typer.Option(help="LR factor per epoch after that.")] = 0.9,
-    patience: Annotated[int, typer.Option(help="Early stop after this many epochs without improvement.")] = 3,
+    patience: Annotated[int, typer.Option(help="Early stop after this many epochs without improvement.")] = 4,
     threshold: Annotated[int, typer.Option(help="Min word count for the vocabulary.")] = 5,
     max_len: Annotated[int, typer.Option(help="Max caption words.")] = 20,
     embed_dim: Annotated[int, typer.Option(help="Word embedding size.")] = 256,
     hidden_dim: Annotated[int, typer.Option(help="LSTM hidden size.")] = 512,
     num_layers: Annotated[int, typer.Option(help="LSTM layers.")] = 1,
-    dropout: Annotated[float, typer.Option(help="Dropout probability, in [0, 1).")] = 0.3,
+    dropout: Annotated[float, typer.Option(help="Dropout probability, in [0, 1).")] = 0.5,
     feature_input: Annotated[
         bool, typer.Option(help="Pooled decoder: also feed the image as the first LSTM input step.")
     ] = False,
@@ -82,10 +82,18 @@ def train(
     attention_reg: Annotated[
         float, typer.Option(help="Attention: weight of the doubly stochastic regulariser (lambda).")
     ] = 1.0,
+    select_on: Annotated[
+        str, typer.Option(help="cider (val CIDEr-D of greedy captions) or loss: picks best.pt and stops early.")
+    ] = "cider",
+    val_sample: Annotated[int, typer.Option(help="Validation images captioned per epoch for the scores.")] = 1000,
+    label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing, in [0, 1).")] = 0.1,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 matrix products where the CPU or GPU has them natively), bf16 or fp32.")
+    ] = "auto",
     out: Annotated[str | None, typer.Option(help="Run directory (default runs/BACKBONE).")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out with its own settings (only --epochs, --patience, "
-                                "--device, --workers, --engine may change).")
+                                "--device, --workers, --engine, --precision may change).")
     ] = False,
     device: Device = "auto",
     seed: int = 0,
@@ -106,10 +114,67 @@ def train(
         threshold=threshold, max_len=max_len, embed_dim=embed_dim, hidden_dim=hidden_dim,
         num_layers=num_layers, dropout=dropout, feature_input=feature_input, decoder=decoder,
         context_dim=context_dim, attention_dim=attention_dim, attention_reg=attention_reg, resume=resume,
+        select_on=select_on, val_sample=val_sample, label_smoothing=label_smoothing, precision=precision,
         device=device, seed=seed, workers=workers, engine=engine, given=given,
     )
     run_dir = run_training(cfg)
     print_training(run_dir)
+
+
+def scst(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="A cross-entropy run folder (capcli train --out RUN).")],
+    epochs: Annotated[int, typer.Option(help="SCST epochs in all (a rerun may raise it to go on).")] = 10,
+    samples: Annotated[int, typer.Option(help="Captions sampled per image.")] = 5,
+    baseline: Annotated[
+        str, typer.Option(help="greedy (the reward of the model's greedy caption) or mean (of the other samples).")
+    ] = "greedy",
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-5,
+    batch_size: Annotated[int, typer.Option(help="Images per step (each with --samples captions).")] = 16,
+    patience: Annotated[int, typer.Option(help="Early stop after this many epochs without a better val CIDEr-D.")] = 3,
+    val_sample: Annotated[int, typer.Option(help="Validation images captioned (greedy) per epoch.")] = 1000,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampling (default: the run's).")] = None,
+    device: Device = "auto",
+    workers: Annotated[int | None, typer.Option(help="Feature-extraction workers.")] = None,
+) -> None:
+    """Fine-tune a trained run on CIDEr-D with self-critical training; rerun to continue it.
+
+    best.pt becomes SCST's best epoch once it beats the cross-entropy model on val CIDEr-D (greedy
+    captions); the cross-entropy best stays in best_xe.pt. `capcli export RUN` exports best.pt.
+    """
+    from capcli.scst import ScstConfig
+    from capcli.scst import scst as run_scst
+
+    given = tuple(name for name in ctx.params if _given(ctx, name))
+    cfg = ScstConfig(run=run, epochs=epochs, samples=samples, baseline=baseline, lr=lr, batch_size=batch_size,
+                     patience=patience, val_sample=val_sample, seed=seed, device=device, workers=workers, given=given)
+    _print_scst(run_scst(cfg))
+
+
+def _print_scst(run) -> None:
+    import json
+
+    from rich.table import Table
+
+    from capcli.checkpoint import load
+
+    path = run / "scst" / "metrics.jsonl"
+    history = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    table = Table(title=f"self-critical training {run}")
+    for col in ("epoch", "reward", "baseline", "val BLEU-4", "val CIDEr-D", "distinct %", "words", "img/s", ""):
+        table.add_column(col, justify="right")
+    for h in history:
+        table.add_row(str(h["epoch"]), f"{h['train_reward']:.3f}", f"{h['train_baseline']:.3f}",
+                      f"{h['val_bleu4']:.1f}", f"{h['val_cider']:.1f}", f"{h['val_distinct']:.0f}",
+                      f"{h['val_words']:.1f}", f"{h['images_per_s']:,.1f}", "best" if h.get("best") else "")
+    out.print(table)
+    best = load(run / "best.pt")
+    if best.get("stage") == "scst":
+        out.print(f"best.pt is SCST epoch {best['scst']['epoch']} (val CIDEr-D {best['scst']['val_cider']:.1f}); "
+                  f"the cross-entropy best is {run / 'best_xe.pt'}", markup=False)
+    else:
+        out.print("no SCST epoch beat the cross-entropy model on val CIDEr-D: best.pt is still the "
+                  "cross-entropy best", markup=False)
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
