@@ -342,22 +342,37 @@ def run_dir(cfg: TrainConfig) -> Path:
 
 
 def checkpoint_to_resume(cfg: TrainConfig) -> dict:
-    out = run_dir(cfg)
-    if not (out / "last.pt").is_file():
-        raise CapcliError(f"nothing to resume in '{out}' (no last.pt)")
+    out = check_run_dir(cfg)
     return checkpoint.load(out / "last.pt")
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
+# What a run writes before its first checkpoint: a run killed then (no last.pt) holds nothing worth keeping.
+UNSTARTED_RUN_FILES = frozenset({"config.json", "vocab.json"})
+
+
+def check_run_dir(cfg: TrainConfig) -> Path:
+    """The run directory, refused before any work when it cannot take this run; created later (`make_run_dir`),
+    so that a run refused or failing before training leaves no empty folder behind."""
     out = run_dir(cfg)
     if out.exists() and not out.is_dir():
         raise CapcliError(f"'{out}' exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
+    if (out / "best_xe.pt").exists():
+        raise CapcliError(f"'{out}' went on with self-critical training (capcli scst): cross-entropy training "
+                          "cannot resume there; start a new run with another --out")
+    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if entries and not cfg.resume:
         if (out / "last.pt").exists():
             raise CapcliError(f"run directory '{out}' already holds a run; use --resume or another --out")
-        raise CapcliError(f"'{out}' exists and is not empty; choose another --out")
+        if not entries <= UNSTARTED_RUN_FILES:
+            raise CapcliError(f"'{out}' exists and is not empty; choose another --out")
     if cfg.resume and not (out / "last.pt").exists():
-        raise CapcliError(f"nothing to resume in '{out}' (no last.pt)")
+        extra = (f" (it holds only {', '.join(sorted(entries))}: a run stopped before its first epoch ended; "
+                 "train into it again without --resume)") if entries and entries <= UNSTARTED_RUN_FILES else ""
+        raise CapcliError(f"nothing to resume in '{out}' (no last.pt){extra}")
+    return out
+
+
+def make_run_dir(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -402,7 +417,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     vocab = build_vocabulary(ds, cfg.threshold)
     if resume_ckpt is not None:
         checkpoint.check_matches(resume_ckpt, backbone.name, feature_dim, vocab.sha256, decoder=cfg.decoder)
-    out = prepare_run_dir(cfg) if rank == 0 else run_dir(cfg)
+    out = check_run_dir(cfg) if rank == 0 else run_dir(cfg)
 
     if rank == 0:  # features are extracted once, by one process
         extract(backbone, ds, cfg.weights, cfg.feature_batch_size, cfg.workers, device, show_progress,
@@ -437,6 +452,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         model = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[device] if "cuda" in device else None)
 
     if rank == 0:
+        make_run_dir(out)
         vocab.save(out / "vocab.json")
         atomic_write_json(out / "config.json", {"train": asdict(cfg), "model": model_cfg.to_dict(),
                                                   "world_size": world, "features": str(cache.path)})
