@@ -40,12 +40,25 @@ def prepare(tmp: str, decoder: str) -> tuple[Path, Path]:
     return run, export(run, os.path.join(tmp, f"bundle-{decoder}"))
 
 
+def batch_of(captioner, args) -> np.ndarray:
+    """A batch of --photos (preprocessed as captioning does), or of random pixels."""
+    if args.photos:
+        from capcli.images import load_input
+
+        paths = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        paths = (paths * args.batch)[: args.batch]
+        return np.stack([load_input(p, captioner.preprocessing) for p in paths])
+    size = captioner.preprocessing.input_size
+    return np.random.default_rng(0).standard_normal((args.batch, 3, size, size), dtype=np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--bundle")
     ap.add_argument("--run")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--photos", help="a folder of photos to caption (default: random pixels)")
     ap.add_argument("--decoders", default="pooled,attention", help="decoder kinds to train (without --bundle)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,8 +68,7 @@ def main() -> None:
         for kind, (run, bundle) in models.items():
             for runtime, model in (("onnx", bundle), ("torch", run)):
                 cap = open_captioner(model, runtime=runtime, provider="cpu")
-                size = cap.preprocessing.input_size
-                images = np.random.default_rng(0).standard_normal((args.batch, 3, size, size), dtype=np.float32)
+                images = batch_of(cap, args)
                 state, context = start_batch(cap, images)
                 enc = timed(lambda c=cap, x=images: start_batch(c, x), args.reps)
                 greedy = timed(lambda c=cap, s=state, x=context: decode_states(c, s, 1, context=x), args.reps)

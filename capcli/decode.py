@@ -266,10 +266,10 @@ def beam_search(
 
     The B images' K beams are one batch of B*K rows for the step. A beam that emits <end> moves to its
     image's pool and its slot is masked to -inf, so an image keeps searching with K minus its finished
-    count (beam width 1 is therefore greedy). When fewer than n_best beams of an image end within max_len,
-    its best unfinished beams follow the finished ones, with finished=False. Context arrays are repeated once
-    per beam. `never`: ids never generated (the vocabulary's <pad> and <start>); `no_repeat_ngram` n > 0: no
-    n-gram twice in a hypothesis.
+    count (beam width 1 is therefore greedy). When no beam of an image ends within max_len, its best
+    unfinished beams are returned with finished=False. Context arrays are repeated once per beam. `never`:
+    ids never generated (the vocabulary's <pad> and <start>); `no_repeat_ngram` n > 0: no n-gram twice in a
+    hypothesis.
     """
     _check(max_len, beam_size=beam_size, n_best=n_best)
     if n_best > beam_size:
@@ -355,9 +355,7 @@ def _advance(
 def _results(
     pool: list[Hypothesis], paths: _Paths, image: int, beam_lp: np.ndarray, length_penalty: float, n_best: int
 ) -> list[Hypothesis]:
-    best = sorted(pool, key=lambda h: h.score, reverse=True)[:n_best]
-    if len(best) < n_best:  # fewer ended within max_len than asked for: the best unfinished beams follow them
+    if not pool:  # nothing ended within max_len: fall back to the best unfinished beams
         live = np.flatnonzero(np.isfinite(beam_lp))
-        unfinished = [paths.hypothesis(image, j, beam_lp[j], False, length_penalty) for j in live]
-        best += sorted(unfinished, key=lambda h: h.score, reverse=True)[: n_best - len(best)]
-    return best
+        pool = [paths.hypothesis(image, j, beam_lp[j], False, length_penalty) for j in live]
+    return sorted(pool, key=lambda h: h.score, reverse=True)[:n_best]

@@ -57,7 +57,8 @@ def test_a_photo_gets_the_caption_the_pipeline_gives(client, captioner):
     assert result["score"] == pytest.approx(want.score, abs=1e-4)
     assert [a["caption"] for a in result["alternatives"]] == [c for c, _ in want.alternatives]
     scores = [a["score"] for a in result["alternatives"]]
-    assert scores == sorted(scores, reverse=True) and len(scores) == 3
+    # Up to n_best: the finished beams (the repetition block can keep a beam from ending within max_len).
+    assert scores == sorted(scores, reverse=True) and 1 <= len(scores) <= 3
     assert set(body["timings_ms"]) == {"read", "queue", "encode", "decode", "total"}
     assert body["options"]["beam_size"] == 3 and body["batch_images"] >= 1
 

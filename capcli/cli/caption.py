@@ -71,6 +71,10 @@ def caption(
     from capcli.caption import Guards, Sampling, caption_images, default_model, find_images, open_captioner
 
     _check_beams(beams, beam_size, sample)
+    if runtime not in ("onnx", "torch"):  # a bad option is named before anything is looked up
+        from capcli.errors import CapcliError
+
+        raise CapcliError(f"unknown runtime '{runtime}'; use onnx or torch")
     model = model or str(default_model())
     paths, problems = find_images(images)
     if html is not None:
