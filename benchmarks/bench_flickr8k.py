@@ -246,7 +246,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_flickr8k"))
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--scst-epochs", type=int, default=6)
+    ap.add_argument("--scst-epochs", type=int, default=4)
     ap.add_argument("--beam", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--speed", action="store_true", help="training tokens/s only (see above)")
