@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_decode import START, OracleStep, from_probs, images, random_dist
 
 from capcli.caption import NO_GUARDS, Guards, caption_images, decode_hypotheses, open_captioner
 from capcli.data.readers import load_dataset
 from capcli.data.text import Vocabulary
 from capcli.decode import beam_search, greedy, sample
 from capcli.export import export
-from tests.test_decode import START, OracleStep, from_probs, images, random_dist
 
 END, UNK = 2, 3  # as in every capcli vocabulary: <pad> 0, <start> 1, <end> 2, <unk> 3
 
