@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capcli.caption import decode_states, open_captioner, start_batch
+from capcli.runtime.captioner import decode_states, open_captioner, start_batch
 
 
 def timed(fn, reps: int) -> float:
@@ -26,9 +26,10 @@ def timed(fn, reps: int) -> float:
 
 
 def prepare(tmp: str, decoder: str) -> tuple[Path, Path]:
+    from capcli.bundle.build import export
     from capcli.data.synthetic import generate
-    from capcli.export import export
-    from capcli.train import TrainConfig, train
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import train
 
     os.environ["CAPCLI_CACHE"] = os.path.join(tmp, "cache")
     data = os.path.join(tmp, "data")

@@ -22,8 +22,9 @@ from bench_caption import timed  # this folder is on sys.path when a benchmark i
 
 
 def train_and_export(kind: str, data: Path, work: Path, args) -> tuple[Path, Path, list[dict]]:
-    from capcli.export import export
-    from capcli.train import TrainConfig, train
+    from capcli.bundle.build import export
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import train
 
     out = work / f"run-{kind}"
     resume = (out / "last.pt").is_file()  # an interrupted benchmark with --work goes on where it stopped
@@ -40,8 +41,8 @@ def scst_after(kind: str, baseline: str, run: Path, work: Path, args) -> tuple[P
     """The cross-entropy run fine-tuned with self-critical training (in a copy of its folder), exported."""
     import shutil
 
-    from capcli.export import export
-    from capcli.scst import ScstConfig, scst
+    from capcli.bundle.build import export
+    from capcli.train.scst import ScstConfig, scst
 
     out = work / f"run-{kind}-scst-{baseline}"
     if not (out / "scst").is_dir():  # a copy that SCST has not started on yet (or a fresh one)
@@ -55,8 +56,8 @@ def scst_after(kind: str, baseline: str, run: Path, work: Path, args) -> tuple[P
 
 def decode_timing(bundle: Path, images: list[Path], beam: int, reps: int) -> tuple[float, float]:
     """(encoder s, beam decode s) per batch of `images`, ONNX Runtime on the CPU."""
-    from capcli.caption import decode_states, open_captioner, start_batch
     from capcli.images import load_input
+    from capcli.runtime.captioner import decode_states, open_captioner, start_batch
 
     captioner = open_captioner(bundle, runtime="onnx", provider="cpu")
     batch = np.stack([load_input(p, captioner.preprocessing) for p in images])

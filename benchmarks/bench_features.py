@@ -16,10 +16,11 @@ import time
 
 import torch
 
-from capcli import engines
 from capcli.data.readers import load_dataset
 from capcli.data.synthetic import generate
-from capcli.features import cache_dir, extract
+from capcli.features import engines
+from capcli.features.cache import cache_dir
+from capcli.features.extraction import extract
 from capcli.registry import get_backbone
 
 

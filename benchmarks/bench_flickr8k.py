@@ -6,7 +6,9 @@ tokenizer; METEOR needs java). Rows:
 - recipe: `capcli train`'s defaults (the attention decoder over efficientnet_lite0's 7x7 grid);
 - before: the defaults this recipe replaced (fp32, batch 64, best epoch and early stopping on val loss);
 - pooled: the recipe with the pooled decoder (one vector per image);
-- scst: the recipe's run fine-tuned with self-critical training (`capcli scst`), in a copy of its folder.
+- noreg: the recipe without the doubly stochastic attention regulariser (--attention-reg 0);
+- scst: the recipe's run fine-tuned with self-critical training (`capcli scst`), in a copy of its folder;
+- scst-mean: the same with the mean reward of the image's other samples as the baseline (not its greedy caption).
 Runs live in --work and are resumed when the benchmark is run again; a finished row is only scored.
 
     python benchmarks/bench_flickr8k.py                          # every row, ../shared/data/flickr8k
@@ -34,13 +36,14 @@ DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "flickr8k"
 # The defaults before the recipe, as `capcli train` had them.
 BEFORE = {"batch_size": 64, "lr": 1e-3, "lr_keep_epochs": 3, "lr_decay": 0.9, "patience": 3, "dropout": 0.3,
           "select_on": "loss", "val_sample": 200, "precision": "fp32", "label_smoothing": 0.0}
-ROWS = {"recipe": {}, "before": BEFORE, "pooled": {"decoder": "pooled"}}
+ROWS = {"recipe": {}, "before": BEFORE, "pooled": {"decoder": "pooled"}, "noreg": {"attention_reg": 0.0}}
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 
 
 def train_row(name: str, overrides: dict, args) -> tuple[Path, float]:
     """The row's run folder (trained, or resumed until done) and its training wall time in seconds."""
-    from capcli.train import TrainConfig, train
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import train
 
     out = Path(args.work) / name
     timing = out / "bench-train.json"
@@ -61,10 +64,14 @@ def train_row(name: str, overrides: dict, args) -> tuple[Path, float]:
     return out, wall
 
 
-def scst_row(recipe_run: Path, args) -> tuple[Path, float]:
-    from capcli.scst import ScstConfig, scst
+# SCST rows: the baseline each subtracts from a sample's reward.
+SCST_ROWS = {"scst": "greedy", "scst-mean": "mean"}
 
-    out = Path(args.work) / "scst"
+
+def scst_row(name: str, recipe_run: Path, args) -> tuple[Path, float]:
+    from capcli.train.scst import ScstConfig, scst
+
+    out = Path(args.work) / name
     timing = out / "bench-train.json"
     if timing.is_file():
         return out, json.loads(timing.read_text())["train_wall_s"]
@@ -72,7 +79,8 @@ def scst_row(recipe_run: Path, args) -> tuple[Path, float]:
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(recipe_run, out, ignore=shutil.ignore_patterns("bench-*.json", "bundle"))
     start = time.perf_counter()
-    scst(ScstConfig(run=str(out), epochs=args.scst_epochs, seed=args.seed), show_progress=False)
+    scst(ScstConfig(run=str(out), epochs=args.scst_epochs, seed=args.seed, baseline=SCST_ROWS[name]),
+         show_progress=False)
     wall = time.perf_counter() - start
     timing.write_text(json.dumps({"train_wall_s": wall}))
     return out, wall
@@ -80,8 +88,8 @@ def scst_row(recipe_run: Path, args) -> tuple[Path, float]:
 
 def score_row(run: Path, args) -> dict:
     """Export (once) and score the val split, beam 3, with ONNX Runtime."""
+    from capcli.bundle.build import export
     from capcli.evaluate import evaluate
-    from capcli.export import export
 
     bundle = run / "bundle"
     if not (bundle / "capcli.json").is_file():
@@ -108,8 +116,8 @@ def attention_sharpness(bundle: Path, args, images: int = 200) -> dict:
     """
     import numpy as np
 
-    from capcli.caption import caption_images, open_captioner
     from capcli.data.readers import load_dataset
+    from capcli.runtime.captioner import caption_images, open_captioner
 
     captioner = open_captioner(bundle, "onnx", provider="cpu")
     if captioner.grid is None:
@@ -126,16 +134,21 @@ def attention_sharpness(bundle: Path, args, images: int = 200) -> dict:
 def ship(name: str, run: Path, result: dict, args) -> Path:
     """The row's model as the bundle capcli ships: float16-stored weights (half the bytes, float32 compute; the
     float32 bundle is over the repository's 25 MB), its val scores and recipe in capcli.json, and a model card."""
-    from capcli import checkpoint
-    from capcli.export import export
+    from capcli.bundle.build import export
+    from capcli.model import checkpoint
 
     out = ROOT / "exported" / "flickr8k"
     bundle = export(run, out, quantize="float16", force=True)
     ckpt = checkpoint.load(run / "best.pt")
     manifest = json.loads((bundle / "capcli.json").read_text())
+    # Paths as this checkout names them, not this machine's absolute ones.
+    manifest["source_checkpoint"] = _relative(manifest["source_checkpoint"])
+    train_config = dict(ckpt.get("train_config") or {})
+    if train_config.get("out"):
+        train_config["out"] = Path(train_config["out"]).name  # the run folder's name, not where it lay
     manifest["model_card"] = {
         "trained_on": "Flickr8k (Hodosh et al. 2013), official train split, 6,000 photos x 5 captions, 224x224 copies",
-        "recipe": f"benchmarks/bench_flickr8k.py row '{name}'", "train_config": ckpt.get("train_config"),
+        "recipe": f"benchmarks/bench_flickr8k.py row '{name}'", "train_config": train_config,
         "stage": ckpt.get("stage", "cross-entropy"),
         "val": {"split": "Flickr8k val (1,000 photos)", "beam_size": args.beam, "runtime": "onnx",
                 "tokenizer": result["tokenizer"], "scores": result["scores"]},
@@ -145,6 +158,12 @@ def ship(name: str, run: Path, result: dict, args) -> Path:
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(bundle / "capcli.json")
     return bundle
+
+
+def _relative(path: str) -> str:
+    """`path` relative to the checkout when it lies inside it (the same path otherwise)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
 
 
 def print_rows(results: dict) -> None:
@@ -164,13 +183,17 @@ def speed(args) -> None:
     """Training tokens/s of the recipe and of the defaults before it on real captions, alternated, same run."""
     import torch
 
-    from capcli import decoders
-    from capcli.batches import feature_source
     from capcli.data.readers import load_dataset
     from capcli.data.text import build_vocabulary
-    from capcli.features import extract, load_features
+    from capcli.devices import matmul_dtype
+    from capcli.features.cache import load_features
+    from capcli.features.extraction import extract
+    from capcli.model import decoders
     from capcli.registry import get_backbone
-    from capcli.train import TrainConfig, batches_for_rank, caption_loss, decoder_config, encode_split, matmul_dtype
+    from capcli.train.batches import batches_for_rank, feature_source
+    from capcli.train.captions import encode_split
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import caption_loss, decoder_config
 
     backbone = get_backbone(args.backbone)
     ds = load_dataset(str(args.dataset))
@@ -260,13 +283,13 @@ def main() -> None:
         speed(args)
         return
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in (*ROWS, "scst")]
+    unknown = [r for r in rows if r not in (*ROWS, *SCST_ROWS)]
     if unknown:
-        sys.exit(f"error: unknown row(s) {', '.join(unknown)}; choose from {', '.join([*ROWS, 'scst'])}")
+        sys.exit(f"error: unknown row(s) {', '.join(unknown)}; choose from {', '.join([*ROWS, *SCST_ROWS])}")
     results = {}
     for name in rows:
-        if name == "scst":
-            run, wall = scst_row(train_row("recipe", ROWS["recipe"], args)[0], args)
+        if name in SCST_ROWS:
+            run, wall = scst_row(name, train_row("recipe", ROWS["recipe"], args)[0], args)
         else:
             run, wall = train_row(name, ROWS[name], args)
         results[name] = {**score_row(run, args), "train_wall_s": wall}

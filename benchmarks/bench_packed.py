@@ -36,12 +36,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
 
-    from capcli.attention import AttentionConfig, AttentionDecoder
-    from capcli.batches import grouped_order
     from capcli.data.readers import load_dataset
     from capcli.data.synthetic import default_synthetic
     from capcli.data.text import build_vocabulary
-    from capcli.train import caption_loss, trim
+    from capcli.model.attention import AttentionConfig, AttentionDecoder
+    from capcli.train.batches import grouped_order
+    from capcli.train.loop import caption_loss, trim
 
     ds = load_dataset(str(default_synthetic(n_images=args.images, seed=0)), seed=0)
     vocab = build_vocabulary(ds, 5)

@@ -42,7 +42,8 @@ def train_run(backbone: str, data: Path, out: Path, args) -> Path:
     weights, training says nothing; resnet152's random features even overflow the float16 feature cache),
     saved as a run of the synthetic set, whose training split then calibrates the int8 encoder."""
     if backbone in REAL_WEIGHTS:
-        from capcli.train import TrainConfig, train
+        from capcli.train.config import TrainConfig
+        from capcli.train.loop import train
 
         cfg = TrainConfig(
             backbone=backbone, dataset=str(data), weights=REAL_WEIGHTS[backbone], out=str(out), epochs=args.epochs,
@@ -56,10 +57,10 @@ def train_run(backbone: str, data: Path, out: Path, args) -> Path:
 def untrained_run(backbone: str, data: Path, out: Path, args) -> Path:
     import torch
 
-    from capcli import checkpoint
     from capcli.data.readers import load_dataset
     from capcli.data.text import Vocabulary
-    from capcli.model import CaptionDecoder, DecoderConfig
+    from capcli.model import checkpoint
+    from capcli.model.pooled import CaptionDecoder, DecoderConfig
     from capcli.registry import get_backbone
 
     spec = get_backbone(backbone)
@@ -82,7 +83,7 @@ def untrained_run(backbone: str, data: Path, out: Path, args) -> Path:
 
 def given_run(run: Path, backbone: str) -> tuple[Path, Path]:
     """A finished run of `backbone` (e.g. `capcli demo`'s runs/demo) and the dataset it was trained on."""
-    from capcli import checkpoint
+    from capcli.model import checkpoint
 
     ckpt = checkpoint.load(run / "best.pt")
     if ckpt["backbone"] != backbone:
@@ -113,9 +114,9 @@ def encoder_ms(float_bundle: Path, int8_bundle: Path, batch: np.ndarray, reps: i
 
 def test_split_captions(float_bundle: Path, int8_bundle: Path, data: Path) -> dict:
     """Both bundles' captions of the test split (beam 3, as `capcli caption`), compared and scored."""
-    from capcli.caption import caption_images, open_captioner
+    from capcli.bundle.judge import PARITY_BEAM, caption_parity
     from capcli.data.readers import load_dataset
-    from capcli.quantize import PARITY_BEAM, caption_parity
+    from capcli.runtime.captioner import caption_images, open_captioner
 
     ds = load_dataset(str(data), seed=0)
     names = [n for n in ds.splits["test"] if ds.image_path(n).is_file()]
@@ -129,11 +130,11 @@ def test_split_captions(float_bundle: Path, int8_bundle: Path, data: Path) -> di
 
 def measure(backbone: str, tmp: Path, args) -> dict:
     from capcli.backbone import Preprocessing
-    from capcli.bundle import read_manifest
+    from capcli.bundle.build import export
+    from capcli.bundle.judge import Tolerance
+    from capcli.bundle.manifest import read_manifest
     from capcli.data.readers import load_dataset
-    from capcli.export import export
     from capcli.images import load_input
-    from capcli.quantize import Tolerance
 
     real = backbone in REAL_WEIGHTS
     t0 = time.perf_counter()

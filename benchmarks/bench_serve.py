@@ -26,9 +26,10 @@ from serve_helpers import PHOTOS, running_server  # noqa: E402
 
 
 def small_bundle(tmp: str) -> Path:
+    from capcli.bundle.build import export
     from capcli.data.synthetic import generate
-    from capcli.export import export
-    from capcli.train import TrainConfig, train
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import train
 
     os.environ["CAPCLI_CACHE"] = os.path.join(tmp, "cache")
     generate(os.path.join(tmp, "data"), n_images=300, seed=0)

@@ -35,10 +35,10 @@ def untrained_bundle(tmp: Path) -> Path:
     """A random-weight pooled decoder on efficientnet_lite0, exported: a bundle in about a minute, no training."""
     import torch
 
-    from capcli import checkpoint
+    from capcli.bundle.build import export
     from capcli.data.text import Vocabulary
-    from capcli.export import export
-    from capcli.model import CaptionDecoder, DecoderConfig
+    from capcli.model import checkpoint
+    from capcli.model.pooled import CaptionDecoder, DecoderConfig
     from capcli.registry import get_backbone
 
     spec = get_backbone("efficientnet_lite0")

@@ -15,9 +15,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from capcli.attention import AttentionConfig, AttentionDecoder
-from capcli.model import CaptionDecoder, DecoderConfig
-from capcli.train import caption_loss
+from capcli.model.attention import AttentionConfig, AttentionDecoder
+from capcli.model.pooled import CaptionDecoder, DecoderConfig
+from capcli.train.loop import caption_loss
 
 
 def synthetic_batch(n_captions: int, max_len: int, vocab: int, feature_dim: int, seed: int = 0):

@@ -184,10 +184,10 @@ def load_state_dict_file(module: torch.nn.Module, path: str, backbone: str) -> N
     try:
         module.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
-        raise CapcliError(f"weights file '{path}' does not fit {backbone}: {_first_problem(exc)}") from exc
+        raise CapcliError(f"weights file '{path}' does not fit {backbone}: {first_problem(exc)}") from exc
 
 
-def _first_problem(exc: BaseException, limit: int = 300) -> str:
+def first_problem(exc: BaseException, limit: int = 300) -> str:
     """torch's load_state_dict message is a header line, then one line per problem: the first one."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     details = [line for line in lines if not line.startswith("Error(s) in loading state_dict")]
@@ -205,6 +205,16 @@ def load_weights(module: torch.nn.Module, weights: str, backbone: str, imagenet_
         module.load_state_dict(imagenet_state)
     elif weights != "none":
         load_state_dict_file(module, weights, backbone)
+
+
+def pretrained_model(backbone: str, weights: str, build: Callable[[], torch.nn.Module], imagenet_url: str):
+    """A freshly built full model (`build()`, random init) holding the chosen weights: 'imagenet' from
+    `imagenet_url` through torch.hub's cache (fetched first, so offline fails before any work), 'none', or a
+    local state-dict file. The plugins' one way to make a torchvision classifier a backbone."""
+    state = download_state_dict(backbone, imagenet_url) if weights == "imagenet" else None
+    model = build()
+    load_weights(model, weights, backbone, state)
+    return model
 
 
 def download_state_dict(backbone: str, url: str) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from rich.text import Text
 
-from capcli.caption import Guards
 from capcli.console import err, out, plain
+from capcli.runtime.captioner import Guards
 
 BACKBONE = "efficientnet_lite0"  # its ImageNet weights ship in a pip package: works offline
 # The attention decoder is right more often than the pooled one on every checkable figure
@@ -57,17 +57,18 @@ def run_demo(n_images: int = IMAGES, epochs: int = EPOCHS, bundle: str = "export
              show: int = 6, decoder: str = DECODER) -> dict:
     from rich.table import Table
 
-    from capcli import decoders
-    from capcli.caption import caption_images, open_captioner
+    from capcli.bundle.build import export
     from capcli.data.readers import load_dataset
     from capcli.data.synthetic import default_synthetic
     from capcli.evaluate import evaluate
-    from capcli.export import export
-    from capcli.features import extract
+    from capcli.features.extraction import extract
+    from capcli.model import decoders
     from capcli.registry import get_backbone
     from capcli.report import write_html
+    from capcli.runtime.captioner import caption_images, open_captioner
     from capcli.tables import print_scores
-    from capcli.train import TrainConfig, train
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import train
 
     decoders.check_kind(decoder)
     timings, started = {}, time.perf_counter()

@@ -8,15 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from capcli.caption import DEFAULT_GUARDS, Guards, caption_images, open_captioner
 from capcli.console import progress, warn
 from capcli.errors import CapcliError
 from capcli.paths import atomic_write_json, is_bundle_folder, protected_output, starts_with
+from capcli.runtime.captioner import DEFAULT_GUARDS, Guards, caption_images, open_captioner
 
 
 def model_dataset_defaults(model: str | Path) -> dict:
     """The dataset spec and split seed a bundle or run was trained with, when it says."""
-    from capcli.bundle import MANIFEST, read_manifest
+    from capcli.bundle.manifest import MANIFEST, read_manifest
 
     model = Path(model)
     if (model / MANIFEST).is_file():

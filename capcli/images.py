@@ -171,7 +171,7 @@ def decode_pixels(source: IO[bytes], where: str, prep: Preprocessing, reserve: R
             return pixels
 
 
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 def to_pixels(img: Image.Image, prep: Preprocessing) -> np.ndarray:
@@ -192,7 +192,7 @@ def to_pixels(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     sx, sy = new_w / w, new_h / h  # the scale actually applied, after rounding to whole pixels
     try:
         box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
-        return np.asarray(img.resize((size, size), _RESAMPLE[prep.interpolation], box=box))
+        return np.asarray(img.resize((size, size), RESAMPLE[prep.interpolation], box=box))
     except MemoryError:
         raise ImageError(f"not enough memory to resize this {w}x{h} image to {new_w}x{new_h}") from None
 

@@ -81,7 +81,7 @@ def output_file(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
-BUNDLE_MANIFEST = "capcli.json"  # capcli.bundle.MANIFEST; bundle imports this module, not the other way round
+BUNDLE_MANIFEST = "capcli.json"  # capcli.bundle.manifest.MANIFEST; bundle imports this module, not the other way round
 RUN_FILES = ("best.pt", "last.pt", "vocab.json")  # beside config.json, what makes a folder a training run
 
 

@@ -108,7 +108,7 @@ def _check_grid_metadata(backbone: Backbone) -> None:
 
 
 def _check_preprocessing(backbone: Backbone) -> None:
-    from capcli.images import _RESAMPLE  # the interpolations the image pipeline can apply
+    from capcli.images import RESAMPLE  # the interpolations the image pipeline can apply
 
     prep = backbone.preprocessing
     size, resize = prep.input_size, prep.resize
@@ -127,9 +127,9 @@ def _check_preprocessing(backbone: Backbone) -> None:
         )
     _require(all(s > 0 for s in prep.std), backbone, f"std must be > 0, got {prep.std!r}")
     _require(
-        prep.interpolation in _RESAMPLE,
+        prep.interpolation in RESAMPLE,
         backbone,
-        f"interpolation '{prep.interpolation}' unknown; one of {sorted(_RESAMPLE)}",
+        f"interpolation '{prep.interpolation}' unknown; one of {sorted(RESAMPLE)}",
     )
 
 

@@ -34,7 +34,8 @@ def small_synthetic(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, small_synthetic) -> Path:
     """A pooled decoder trained for 2 epochs on efficientnet_lite0 features of the small synthetic set."""
-    from capcli.train import TrainConfig, train
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = TrainConfig(
@@ -48,7 +49,8 @@ def tiny_run(tmp_path_factory, small_synthetic) -> Path:
 @pytest.fixture(scope="session")
 def tiny_attention_run(tmp_path_factory, small_synthetic) -> Path:
     """An attention decoder trained for 2 epochs on efficientnet_lite0 grids of the small synthetic set."""
-    from capcli.train import TrainConfig, train
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny-attention"
     cfg = TrainConfig(
@@ -62,6 +64,23 @@ def tiny_attention_run(tmp_path_factory, small_synthetic) -> Path:
 @pytest.fixture(scope="session")
 def exported_tiny(tmp_path_factory, tiny_run) -> Path:
     """The tiny run exported to an ONNX bundle, shared by the serving and install tests."""
-    from capcli.export import export
+    from capcli.bundle.build import export
 
     return export(tiny_run, tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run exported afresh for each test module that asks (a module may alter its copy)."""
+    from capcli.bundle.build import export
+
+    return export(tiny_run, tmp_path_factory.mktemp("exported") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def test_images(small_synthetic) -> list[Path]:
+    """Six images of the small synthetic set's test split."""
+    from capcli.data.readers import load_dataset
+
+    ds = load_dataset(str(small_synthetic))
+    return [ds.image_path(n) for n in ds.splits["test"][:6]]

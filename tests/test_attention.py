@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capcli.attention import (
+from capcli.model.attention import (
     AttentionConfig,
     AttentionDecoder,
     AttentionEncoder,

@@ -1,4 +1,4 @@
-"""capcli.bias_correction: where the graph is cut, and that each int8 conv's mean output is brought back to the
+"""capcli.bundle.bias_correction: where the graph is cut, and that each int8 conv's mean output is brought back to the
 float graph's, changing nothing but biases."""
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from capcli.backbone import Preprocessing
-from capcli.bias_correction import _channel_means, _outputs_also, _session, correct_biases, cuts, quantized_convs
+from capcli.bundle.bias_correction import (
+    _channel_means,
+    _outputs_also,
+    _session,
+    correct_biases,
+    cuts,
+    quantized_convs,
+)
 from capcli.images import load_input
 
 PREP = Preprocessing(input_size=32, resize=36)
@@ -64,7 +71,7 @@ def graphs(tmp_path_factory, small_synthetic):
     import torch
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from capcli.quantize import _CalibrationReader, _preprocessed, _quiet
+    from capcli.bundle.quantize import _CalibrationReader, _preprocessed, _quiet
 
     tmp = tmp_path_factory.mktemp("bias")
     src = tmp / "float.onnx"

@@ -15,10 +15,11 @@ import pytest
 from tiny_models import export_step, rehash, tiny_env, tiny_plugin
 from typer.testing import CliRunner
 
-from capcli import bundle
-from capcli.caption import open_captioner
+from capcli.bundle import manifest as bundle
+from capcli.bundle import schema
 from capcli.cli import app
 from capcli.errors import CapcliError
+from capcli.runtime.captioner import open_captioner
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_item2_graph_exported_with_another_vocabulary_is_refused(env, copy):
 
     model = onnx.load(str(copy / "decoder.onnx"))
     for prop in model.metadata_props:
-        if prop.key == bundle.GRAPH_VOCAB_KEY:
+        if prop.key == schema.GRAPH_VOCAB_KEY:
             prop.value = "0" * 64
     onnx.save(model, str(copy / "decoder.onnx"))
     rehash(copy)
@@ -148,7 +149,7 @@ def test_item2_a_symlink_out_of_the_bundle_is_refused(copy):
         open_captioner(copy, "onnx", provider="cpu")
 
 
-REQUIRED = [key for key, _, required in bundle.SCHEMA if required]
+REQUIRED = [key for key, _, required in schema.SCHEMA if required]
 
 
 @pytest.mark.parametrize("key", REQUIRED)
@@ -160,7 +161,7 @@ def test_item2_each_missing_key_is_one_error_naming_it(copy, key):
         node = node[part]
     del node[last]
     _write(copy, meta)
-    with pytest.raises(bundle.ManifestError, match=f"'{key}' is missing"):
+    with pytest.raises(schema.ManifestError, match=f"'{key}' is missing"):
         open_captioner(copy, "onnx", provider="cpu")
 
 
@@ -182,14 +183,14 @@ def test_item2_malformed_values_are_one_error_naming_the_key(copy, edit, expecte
     meta = _meta(copy)
     edit(meta)
     _write(copy, meta)
-    with pytest.raises(bundle.ManifestError, match=expected):
+    with pytest.raises(schema.ManifestError, match=expected):
         open_captioner(copy, "onnx", provider="cpu")
 
 
 @pytest.mark.parametrize("text", ["[]", "[1, 2]", '"capcli"', "null", "{", "\xff"])
 def test_item2_a_manifest_that_is_not_an_object_is_one_error(copy, text, small_synthetic):
     (copy / bundle.MANIFEST).write_bytes(text.encode("latin-1"))
-    with pytest.raises(bundle.ManifestError):
+    with pytest.raises(schema.ManifestError):
         open_captioner(copy, "onnx", provider="cpu")
     image = sorted((small_synthetic / "Images").glob("*.jpg"))[0]
     assert "capcli.json" in one_line_cli_error(copy, image)

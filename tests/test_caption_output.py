@@ -11,8 +11,8 @@ import pytest
 from tiny_models import tiny_env, tiny_plugin
 from typer.testing import CliRunner
 
-from capcli.caption import ENCODE_CHUNK, caption_images, open_captioner
 from capcli.cli import app
+from capcli.runtime.captioner import ENCODE_CHUNK, caption_images, open_captioner
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +77,11 @@ def test_item9_json_and_html_keep_stdout_pure_json(env, images, tmp_path):
 
 
 def test_item9_large_batches_are_encoded_in_bounded_chunks(env, images, monkeypatch):
-    import capcli.caption
+    import capcli.runtime.captioner
 
     captioner = open_captioner(env["bundle"], "onnx", provider="cpu")
     encoded, stepped = [], []
-    start_batch, step = capcli.caption.start_batch, captioner.step
+    start_batch, step = capcli.runtime.captioner.start_batch, captioner.step
 
     def spy_start(captioner, batch):
         encoded.append(len(batch))
@@ -91,7 +91,7 @@ def test_item9_large_batches_are_encoded_in_bounded_chunks(env, images, monkeypa
         stepped.append(len(tokens))
         return step(tokens, state)
 
-    monkeypatch.setattr(capcli.caption, "start_batch", spy_start)
+    monkeypatch.setattr(capcli.runtime.captioner, "start_batch", spy_start)
     captioner.step = spy_step
     paths = images[: 2 * ENCODE_CHUNK + 3]
     big = caption_images(captioner, paths, beam_size=1, batch_size=1000)

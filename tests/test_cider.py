@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from capcli.cider import CiderD
 from capcli.metrics import score_captions, simple_tokenize
+from capcli.train.cider import CiderD
 
 TOKENS = Path(__file__).parent / "data" / "flickr8k_token" / "Flickr8k.token.txt"
 

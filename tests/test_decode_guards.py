@@ -10,11 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_decode import START, OracleStep, from_probs, images, random_dist
 
-from capcli.caption import NO_GUARDS, Guards, caption_images, decode_hypotheses, open_captioner
-from capcli.data.readers import load_dataset
 from capcli.data.text import Vocabulary
 from capcli.decode import beam_search, greedy, sample
-from capcli.export import export
+from capcli.runtime.captioner import NO_GUARDS, Guards, caption_images, decode_hypotheses, open_captioner
 
 END, UNK = 2, 3  # as in every capcli vocabulary: <pad> 0, <start> 1, <end> 2, <unk> 3
 
@@ -97,17 +95,6 @@ def test_both_runtimes_agree_with_the_guards(tiny_bundle, tiny_run, test_images)
                 assert all(len(set(r.caption.split())) == len(r.caption.split()) for r in a)
 
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tiny_run, tmp_path_factory):
-    return export(tiny_run, tmp_path_factory.mktemp("exported") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def test_images(small_synthetic):
-    ds = load_dataset(str(small_synthetic))
-    return [ds.image_path(n) for n in ds.splits["test"][:6]]
-
-
 def test_caption_without_model_uses_the_shipped_bundle(tiny_bundle, test_images, tmp_path, monkeypatch):
     import shutil
 
@@ -125,11 +112,11 @@ def test_caption_without_model_uses_the_shipped_bundle(tiny_bundle, test_images,
 def test_a_missing_shipped_bundle_is_one_clear_line(test_images, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import capcli.caption
+    import capcli.runtime.captioner
     from capcli.cli import app
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(capcli.caption, "SHIPPED_MODEL", "no-such-model")  # the checkout's own is elsewhere too
+    monkeypatch.setattr(capcli.runtime.captioner, "SHIPPED_MODEL", "no-such-model")
     result = CliRunner().invoke(app, ["caption", str(test_images[0])])
     assert result.exit_code == 1
     assert "no --model given, and the shipped model is not in" in result.output

@@ -9,10 +9,12 @@ import pytest
 from tiny_backbone import tiny
 from typer.testing import CliRunner
 
-from capcli import engines, features
 from capcli.cli import app
 from capcli.data.readers import load_dataset
 from capcli.errors import CapcliError
+from capcli.features import cache as feature_cache
+from capcli.features import engines
+from capcli.features import extraction as features
 from capcli.registry import get_backbone
 
 PHOTOS = sorted((Path(__file__).parent / "images").glob("*.jpg"))
@@ -183,7 +185,7 @@ def test_features_cli_extracts_with_onnx_runtime(small_synthetic, monkeypatch, t
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     ds = load_dataset(str(small_synthetic))
-    cache = features.open_cache(get_backbone("efficientnet_lite0"), "none", ds)
+    cache = feature_cache.open_cache(get_backbone("efficientnet_lite0"), "none", ds)
     assert cache is not None and cache.meta["engine"] == "onnx"
     assert np.abs(np.asarray(cache.features, np.float32)).sum() > 0
 

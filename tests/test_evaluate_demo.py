@@ -7,10 +7,10 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from typer.testing import CliRunner
 
+from capcli.bundle.build import export
 from capcli.cli import app
 from capcli.errors import CapcliError
 from capcli.evaluate import evaluate
-from capcli.export import export
 from capcli.metrics import simple_tokenize
 
 

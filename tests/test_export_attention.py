@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from capcli import bundle
-from capcli.caption import caption_images, open_captioner
+from capcli.bundle import schema
+from capcli.bundle.build import export
 from capcli.cli import app
-from capcli.data.readers import load_dataset
 from capcli.decode import beam_search, greedy
 from capcli.errors import CapcliError
-from capcli.export import export
 from capcli.images import load_input
+from capcli.runtime.captioner import caption_images, open_captioner
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +30,9 @@ def pooled_bundle(tiny_run, tmp_path_factory):
     return export(tiny_run, tmp_path_factory.mktemp("exported") / "pooled")
 
 
-@pytest.fixture(scope="module")
-def test_images(small_synthetic):
-    ds = load_dataset(str(small_synthetic))
-    return [ds.image_path(n) for n in ds.splits["test"][:6]]
-
-
 def test_manifest_names_kind_context_and_grid(attention_bundle):
     meta = json.loads((attention_bundle / "capcli.json").read_text())
-    assert meta["format_version"] == bundle.FORMAT_VERSION == 3 and meta["decoder_kind"] == "attention"
+    assert meta["format_version"] == schema.FORMAT_VERSION == 3 and meta["decoder_kind"] == "attention"
     assert meta["io"]["state"] == ["h", "c"] and meta["io"]["context"] == ["grid", "projection"]
     assert meta["io"]["encoder"]["outputs"] == ["grid", "projection", "h0", "c0"]
     assert meta["io"]["decoder"]["outputs"] == ["log_probs", "h_out", "c_out", "alpha"]
@@ -110,7 +103,7 @@ def test_caption_json_has_each_words_attention(attention_bundle, test_images):
 def test_readme_snippet_captions_from_an_attention_bundle(attention_bundle, test_images, tmp_path):
     from readme_snippet import PHOTOS, snippet_captions
 
-    from capcli.caption import Guards
+    from capcli.runtime.captioner import Guards
 
     images = [test_images[0], *PHOTOS]
     expected = caption_images(open_captioner(attention_bundle, "onnx", provider="cpu"), images, beam_size=1,

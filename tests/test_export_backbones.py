@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from capcli import checkpoint
-from capcli.attention import AttentionConfig, AttentionDecoder
-from capcli.caption import caption_images, open_captioner
+from capcli.bundle.build import export
 from capcli.data.text import Vocabulary
-from capcli.export import export
-from capcli.model import CaptionDecoder, DecoderConfig
+from capcli.model import checkpoint
+from capcli.model.attention import AttentionConfig, AttentionDecoder
+from capcli.model.pooled import CaptionDecoder, DecoderConfig
 from capcli.registry import get_backbone
+from capcli.runtime.captioner import caption_images, open_captioner
 
 PHOTOS = sorted((Path(__file__).parent / "images").glob("*.jpg"))
 WORDS = "a red green blue circle square star on the left right of large small background".split()

@@ -8,25 +8,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from capcli import bundle
-from capcli.caption import caption_images, open_captioner
+from capcli.bundle import schema
+from capcli.bundle.build import export
 from capcli.cli import app
-from capcli.data.readers import load_dataset
 from capcli.errors import CapcliError
-from capcli.export import export
+from capcli.runtime.captioner import caption_images, open_captioner
 
 ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tiny_run, tmp_path_factory):
-    return export(tiny_run, tmp_path_factory.mktemp("exported") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def test_images(small_synthetic):
-    ds = load_dataset(str(small_synthetic))
-    return [ds.image_path(n) for n in ds.splits["test"][:6]]
 
 
 def test_bundle_layout_and_manifest(tiny_bundle):
@@ -35,7 +23,7 @@ def test_bundle_layout_and_manifest(tiny_bundle):
     names = {p.name for p in tiny_bundle.iterdir()}
     assert {"encoder.onnx", "decoder.onnx", "vocab.json", "capcli.json"} <= names
     meta = json.loads((tiny_bundle / "capcli.json").read_text())
-    assert meta["format_version"] == bundle.FORMAT_VERSION and meta["backbone"] == "efficientnet_lite0"
+    assert meta["format_version"] == schema.FORMAT_VERSION and meta["backbone"] == "efficientnet_lite0"
     assert meta["preprocessing"]["input_size"] == 224 and meta["special_tokens"]["start"] == 1
     assert set(meta["sha256"]) >= {"encoder.onnx", "decoder.onnx", "vocab.json"}
     assert meta["parity"]["encoder_max_abs_diff"] < 1e-3 and meta["parity"]["greedy_captions_equal"]
@@ -145,7 +133,7 @@ def test_readme_snippet_captions_with_onnxruntime_numpy_pillow_only(tiny_bundle,
 
     assert len(snippet().strip().splitlines()) <= 25
     images = [test_images[0], *PHOTOS]
-    from capcli.caption import Guards
+    from capcli.runtime.captioner import Guards
 
     # The snippet suppresses <unk> as capcli does; it leaves out capcli's repeated-n-gram block (shorter).
     expected = caption_images(open_captioner(tiny_bundle, "onnx", provider="cpu"), images, beam_size=1,
@@ -154,7 +142,7 @@ def test_readme_snippet_captions_with_onnxruntime_numpy_pillow_only(tiny_bundle,
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_bundle, test_images):
-    from capcli.caption import Sampling
+    from capcli.runtime.captioner import Sampling
 
     captioner = open_captioner(tiny_bundle, "onnx", provider="cpu")
     greedy = caption_images(captioner, test_images, beam_size=1)

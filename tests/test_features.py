@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from tiny_backbone import tiny
 
-from capcli import features
 from capcli.data.readers import load_dataset
+from capcli.features import cache as feature_cache
+from capcli.features import extraction as features
 
 TESTS = Path(__file__).parent
 
@@ -57,7 +58,7 @@ def test_stopped_run_resumes_without_redoing_batches(small_synthetic, fresh_cach
     ds = load_dataset(str(small_synthetic))
     partial = features.extract(tiny, ds, "none", batch_size=10, workers=0, device="cpu",
                                show_progress=False, stop_after_batches=3)
-    assert partial.done.sum() == 30 and features.open_cache(tiny, "none", ds) is None
+    assert partial.done.sum() == 30 and feature_cache.open_cache(tiny, "none", ds) is None
     calls = []
     real_build = type(tiny).build
 
@@ -75,7 +76,8 @@ def test_kill_9_mid_extraction_then_resume_equals_uninterrupted(small_synthetic,
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(TESTS)!r})
-        from capcli import features
+        from capcli.features import extraction as features
+        from capcli.features import cache as feature_cache
         from capcli.data.readers import load_dataset
         from tiny_backbone import tiny
         ds = load_dataset({str(small_synthetic)!r})
@@ -92,7 +94,7 @@ def test_kill_9_mid_extraction_then_resume_equals_uninterrupted(small_synthetic,
     proc.wait()
     killed_at = int(np.load(done_file).sum())
     assert 0 < killed_at < len(ds.images), "the run must be killed mid-way"
-    assert features.open_cache(tiny, "none", ds) is None  # an unfinished cache never loads
+    assert feature_cache.open_cache(tiny, "none", ds) is None  # an unfinished cache never loads
     resumed = features.extract(tiny, ds, "none", batch_size=4, workers=0, device="cpu", show_progress=False)
 
     monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "clean"))
@@ -251,7 +253,7 @@ def test_item1_unchanged_rerun_only_stats_files_even_with_a_failure(small_synthe
 def test_item1_split_without_usable_captions_says_why_and_what_to_do(small_synthetic, tmp_path, fresh_cache):
     from capcli.data.text import build_vocabulary
     from capcli.errors import CapcliError
-    from capcli.train import encode_split
+    from capcli.train.captions import encode_split
 
     copy = tmp_path / "ds"
     shutil.copytree(small_synthetic, copy)
@@ -289,7 +291,8 @@ def test_item4_bomb_inside_a_dataset_is_one_failed_image(small_synthetic, tmp_pa
 EXTRACT_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-from capcli import features
+from capcli.features import extraction as features
+from capcli.features import cache as feature_cache
 from capcli.data.readers import load_dataset
 from capcli.errors import CapcliError
 import tiny_backbone
@@ -332,7 +335,7 @@ def test_item10_feature_file_that_does_not_fit_is_one_line_and_keeps_other_cache
     assert "No space left on device" in message and "CAPCLI_CACHE" in message and "\n" not in message
     wide_dir = features.cache_dir(wide, "none", ds)
     assert not (wide_dir / "features.npy").exists() and not (wide_dir / "meta.json").exists()
-    assert np.array_equal(np.asarray(features.open_cache(tiny, "none", ds).features), before)
+    assert np.array_equal(np.asarray(feature_cache.open_cache(tiny, "none", ds).features), before)
 
 
 def test_item10_disk_full_mid_run_is_one_line_not_sigbus_and_resumes(small_synthetic, small_disk, tmp_path,
@@ -443,7 +446,7 @@ def test_features_beyond_float16_are_saturated_with_one_note_and_nan_is_an_error
     import numpy as np
 
     from capcli.errors import CapcliError
-    from capcli.features import F16_MAX, to_float16
+    from capcli.features.extraction import F16_MAX, to_float16
 
     warned: list = []
     big = np.array([[1e6, -1e6, 0.5]], np.float32)

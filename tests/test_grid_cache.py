@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from tiny_backbone import tiny
 
-from capcli import features
 from capcli.data.readers import load_dataset
-from capcli.feature_rows import RowReader
+from capcli.features import cache as feature_cache
+from capcli.features import extraction as features
+from capcli.train.feature_rows import RowReader
 
 TESTS = Path(__file__).parent
 
@@ -78,7 +79,8 @@ def test_kill_9_mid_grid_extraction_then_resume_equals_uninterrupted(small_synth
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(TESTS)!r})
-        from capcli import features
+        from capcli.features import extraction as features
+        from capcli.features import cache as feature_cache
         from capcli.data.readers import load_dataset
         from tiny_backbone import tiny
         ds = load_dataset({str(small_synthetic)!r})
@@ -96,7 +98,7 @@ def test_kill_9_mid_grid_extraction_then_resume_equals_uninterrupted(small_synth
     proc.wait()
     killed_at = int(np.load(done_file).sum())
     assert 0 < killed_at < len(ds.images), "the run must be killed mid-way"
-    assert features.open_cache(tiny, "none", ds, "grid") is None
+    assert feature_cache.open_cache(tiny, "none", ds, "grid") is None
     resumed = features.extract(tiny, ds, "none", batch_size=4, workers=0, device="cpu", show_progress=False,
                                output="grid")
     monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "clean"))
@@ -136,8 +138,9 @@ _TRAIN_AND_MEASURE = """
 import json, sys
 import torch
 import matplotlib.pyplot, pycocoevalcap.bleu.bleu, pycocoevalcap.cider.cider  # imported by train(): not data
-from capcli.attention import AttentionConfig, AttentionDecoder
-from capcli.train import TrainConfig, caption_loss, train
+from capcli.model.attention import AttentionConfig, AttentionDecoder
+from capcli.train.config import TrainConfig
+from capcli.train.loop import caption_loss, train
 
 def status(field):  # bytes
     for line in open("/proc/self/status"):
@@ -175,7 +178,7 @@ def _captions_only_dataset(folder: Path, n: int) -> Path:
 def _write_complete_grid_cache(ds, backbone) -> int:
     """A complete efficientnet_lite0 grid cache for `ds` (random rows): what extraction would leave."""
     path = features.cache_dir(backbone, "none", ds, "grid")
-    state = features._start(path, backbone, "none", ds, "grid")
+    state = feature_cache.start_cache(path, backbone, "none", ds, "grid")
     block = np.random.default_rng(0).standard_normal((256, *state.features.shape[1:])).astype(np.float16)
     for start in range(0, len(state.features), 256):
         stop = min(start + 256, len(state.features))
@@ -183,7 +186,7 @@ def _write_complete_grid_cache(ds, backbone) -> int:
     state.features.flush()
     size = state.features.nbytes
     state.done[:] = True  # the images do not exist: their recorded stats (none) stay valid
-    features._save_array(path / "done.npy", state.done)
+    feature_cache._save_array(path / "done.npy", state.done)
     return size
 
 

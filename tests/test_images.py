@@ -73,7 +73,7 @@ def _resize_then_crop(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     scale = prep.resize / min(w, h)
     new_w, new_h = max(prep.input_size, round(w * scale)), max(prep.input_size, round(h * scale))
     left, top = (new_w - prep.input_size) // 2, (new_h - prep.input_size) // 2
-    big = img.resize((new_w, new_h), images._RESAMPLE[prep.interpolation])
+    big = img.resize((new_w, new_h), images.RESAMPLE[prep.interpolation])
     return np.asarray(big.crop((left, top, left + prep.input_size, top + prep.input_size)))
 
 

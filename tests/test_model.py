@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from capcli.model import CaptionDecoder, DecoderConfig, DecoderStep
-from capcli.runtime_torch import TorchStep
+from capcli.model.pooled import CaptionDecoder, DecoderConfig, DecoderStep
+from capcli.model.steps import TorchStep
 
 
 @pytest.mark.parametrize(("layers", "feature_input"), [(1, False), (2, False), (2, True)])

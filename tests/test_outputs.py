@@ -18,11 +18,11 @@ from mounts import fill, read_only, small_disk
 from tiny_models import tiny_checkpoint, tiny_plugin
 from typer.testing import CliRunner
 
-from capcli import bundle
-from capcli.caption import open_captioner
+from capcli.bundle import manifest as bundle
+from capcli.bundle.build import export
 from capcli.cli import app
 from capcli.errors import CapcliError
-from capcli.export import export
+from capcli.runtime.captioner import open_captioner
 
 UMASK = 0o027  # gives 0o640 / 0o750: neither mkstemp's 0o600 nor the usual 0o644
 
@@ -76,7 +76,8 @@ def test_item5_exported_bundle_honours_the_umask(env, tmp_path, umask):
 def test_item5_dataset_run_and_reports_honour_the_umask(env, tmp_path, umask):
     from capcli.data.synthetic import build
     from capcli.report import write_html
-    from capcli.train import TrainConfig, train
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import train
 
     data = build(tmp_path / "data", n_images=12, seed=3)
     assert mode(data) == 0o777 & ~umask and mode(data / "Images") == 0o777 & ~umask
@@ -169,7 +170,7 @@ def test_item10_output_naming_a_folder_is_one_line(env, tmp_path):
 
 
 def test_item10_read_only_folders_are_one_line_before_any_work(env, tmp_path, monkeypatch):
-    import capcli.caption
+    import capcli.runtime.captioner
 
     image = str(sorted((env["data"] / "Images").glob("*.jpg"))[0])
     ro = tmp_path / "ro"
@@ -178,7 +179,7 @@ def test_item10_read_only_folders_are_one_line_before_any_work(env, tmp_path, mo
     def no_captioning(*args, **kwargs):
         raise AssertionError("captioning started before the output was checked")
 
-    monkeypatch.setattr(capcli.caption, "caption_images", no_captioning)
+    monkeypatch.setattr(capcli.runtime.captioner, "caption_images", no_captioning)
     monkeypatch.setattr("capcli.evaluate.caption_images", no_captioning)
     with read_only(ro):
         for args in (["export", str(env["run"]), "--out", str(ro / "b")],
@@ -211,12 +212,12 @@ def test_item10_disk_full_during_export_is_one_line_and_keeps_the_old_bundle(env
 
 def test_item10_oserror_anywhere_is_one_line(monkeypatch, env):
     """The CLI group's last line of defence: an OSError no code path turned into a message."""
-    import capcli.export
+    import capcli.bundle.build
 
     def broken(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/some/where")
 
-    monkeypatch.setattr(capcli.export, "export", broken)
+    monkeypatch.setattr(capcli.bundle.build, "export", broken)
     line = one_line_error(invoke("export", str(env["run"])))
     assert line == "error: Permission denied: /some/where"
 
@@ -235,12 +236,12 @@ def test_item11_export_uses_the_dynamo_exporter_quietly(env, tmp_path, capfd):
 
 
 def test_item11_fallback_to_torchscript_is_quiet_and_recorded(env, tmp_path, capfd, monkeypatch):
-    import capcli.export
+    import capcli.onnx_graphs
 
     def cannot_trace(*args, **kwargs):
         raise RuntimeError("data-dependent control flow\nmore detail")
 
-    monkeypatch.setattr(capcli.export, "_export_dynamo", cannot_trace)
+    monkeypatch.setattr(capcli.onnx_graphs, "_export_dynamo", cannot_trace)
     capfd.readouterr()
     out = export(env["run"], tmp_path / "b")
     captured = capfd.readouterr()

@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from capcli import providers
-from capcli.caption import open_captioner
 from capcli.cli import app
 from capcli.errors import CapcliError
+from capcli.runtime.captioner import open_captioner
 
 CPU, CUDA = providers.PROVIDERS["cpu"], providers.PROVIDERS["cuda"]
 

@@ -18,13 +18,13 @@ from fastapi.testclient import TestClient
 from tiny_models import tiny_plugin
 from typer.testing import CliRunner
 
-from capcli.bundle import sha256_file
-from capcli.caption import caption_images, open_captioner
+from capcli.bundle.judge import PARITY_BATCH, PARITY_BEAM, Tolerance
+from capcli.bundle.manifest import sha256_file
 from capcli.cli import app
 from capcli.data.readers import load_dataset
 from capcli.images import load_input
 from capcli.metrics import score_captions
-from capcli.quantize import PARITY_BATCH, PARITY_BEAM, Tolerance
+from capcli.runtime.captioner import caption_images, open_captioner
 
 CALIBRATION = 24
 LOOSE = ("--min-agreement", "0", "--max-cider-loss", "100")  # the int8 bundle is written whatever it loses
@@ -38,10 +38,10 @@ def make_checkpoint(run: Path, dataset: Path, kind: str = "pooled", out_scale: f
     import torch
     from tiny_backbone import tiny
 
-    from capcli import checkpoint
-    from capcli.attention import AttentionConfig, AttentionDecoder
     from capcli.data.text import Vocabulary
-    from capcli.model import CaptionDecoder, DecoderConfig
+    from capcli.model import checkpoint
+    from capcli.model.attention import AttentionConfig, AttentionDecoder
+    from capcli.model.pooled import CaptionDecoder, DecoderConfig
 
     ds = load_dataset(str(dataset), seed=0)
     vocab = Vocabulary.build([c for n in ds.splits["train"] for c in ds.captions[n]], threshold=1)
@@ -86,7 +86,7 @@ def env(tmp_path_factory, small_synthetic):
     """Plugin, runs, and the float and int8 bundles of the clear-winner run (int8 through the CLI)."""
     tmp = tmp_path_factory.mktemp("quantize")
     with tiny_plugin(tmp / "plugin"):
-        from capcli.export import export
+        from capcli.bundle.build import export
 
         run = make_checkpoint(tmp / "run", small_synthetic)
         float_bundle = export(run, tmp / "float", exporter="torchscript")
@@ -221,7 +221,7 @@ def test_serve_answers_from_an_int8_bundle(env, val_sample):
 
 
 def test_attention_bundle_quantizes_and_captions(env, val_sample):
-    from capcli.export import export
+    from capcli.bundle.build import export
 
     ds, names = val_sample
     with tiny_plugin(env["tmp"] / "plugin"):
@@ -331,7 +331,7 @@ def _conv(name: str, inputs: list[str], group: int = 1) -> onnx.NodeProto:
     ((1, 1, 1, 8), []),               # a depthwise conv deep in the net is not part of a stem
 ])
 def test_float_stem_keeps_the_convs_up_to_a_first_depthwise_one(groups, kept):
-    from capcli.quantize import float_stem
+    from capcli.bundle.quantize import float_stem
 
     names = ["stem", "c1", "c2", "c3"]
     nodes = [_conv(n, ["x" if i == 0 else names[i - 1] + "_out", n + "_w"], g)
@@ -344,7 +344,7 @@ def test_int8_encoder_keeps_a_depthwise_stem_float_and_quantizes_the_rest(tmp_pa
     from torch import nn
 
     from capcli.backbone import Preprocessing
-    from capcli.quantize import quantize_encoder
+    from capcli.bundle.quantize import quantize_encoder
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU6(), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU6(),
@@ -376,7 +376,7 @@ def test_box_filter_pools_become_the_depthwise_convs_they_equal(tmp_path):
     import torch
     from torch import nn
 
-    from capcli.quantize import _preprocessed, box_filters_as_convs
+    from capcli.bundle.quantize import _preprocessed, box_filters_as_convs
 
     class Branches(nn.Module):  # inceptionv3's branch pool, and two pools that are not box filters
         def forward(self, x):
@@ -407,7 +407,7 @@ def test_int8_encoder_has_no_int8_average_pool(tmp_path, small_synthetic):
     from torch import nn
 
     from capcli.backbone import Preprocessing
-    from capcli.quantize import quantize_encoder
+    from capcli.bundle.quantize import quantize_encoder
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AvgPool2d(3, stride=1, padding=1),

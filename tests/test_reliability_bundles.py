@@ -16,10 +16,11 @@ import pytest
 from tiny_models import rehash, tiny_checkpoint, tiny_env, tiny_plugin
 from typer.testing import CliRunner
 
-from capcli import bundle
-from capcli.caption import open_captioner
+from capcli.bundle import manifest as bundle
+from capcli.bundle import schema
 from capcli.cli import app
 from capcli.errors import CapcliError
+from capcli.runtime.captioner import open_captioner
 
 
 def _attention_run(run: Path, dataset: Path) -> Path:
@@ -27,10 +28,10 @@ def _attention_run(run: Path, dataset: Path) -> Path:
     import torch
     from tiny_backbone import tiny
 
-    from capcli import checkpoint
-    from capcli.attention import AttentionConfig, AttentionDecoder
     from capcli.data.readers import load_dataset
     from capcli.data.text import Vocabulary
+    from capcli.model import checkpoint
+    from capcli.model.attention import AttentionConfig, AttentionDecoder
 
     ds = load_dataset(str(dataset), seed=0)
     vocab = Vocabulary.build([c for name in ds.splits["train"] for c in ds.captions[name]], threshold=1)
@@ -54,7 +55,7 @@ def _attention_run(run: Path, dataset: Path) -> Path:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, small_synthetic):
     """Bundle A, bundle B (same vocabulary and shapes, another checkpoint) and an attention bundle."""
-    from capcli.export import export
+    from capcli.bundle.build import export
 
     tmp = tmp_path_factory.mktemp("reliability-bundles")
     with tiny_plugin(tmp / "plugin"):
@@ -142,7 +143,7 @@ def test_graphs_that_name_no_source_checkpoint_are_refused_with_what_to_do(env, 
     """Formats 2 and 3 always stamped it: a graph without it is older or altered, and re-exporting fixes it."""
     folder = _copy(env["bundle"], tmp_path / "b")
     for name in ("encoder.onnx", "decoder.onnx"):
-        _drop_graph_key(folder / name, bundle.GRAPH_MODEL_KEY)
+        _drop_graph_key(folder / name, schema.GRAPH_MODEL_KEY)
     meta = rehash(folder)
     meta.pop("source_checkpoint_sha256")
     _write(folder, meta)
@@ -239,10 +240,10 @@ def test_the_bounds_hold_for_every_shipped_backbone():
     for name in ("efficientnet_lite0", "resnet152", "inceptionv3", "vgg16"):
         prep = get_backbone(name).preprocessing.to_dict()
         meta_like = {"preprocessing": prep}
-        for key, check, _ in bundle.SCHEMA:
+        for key, check, _ in schema.SCHEMA:
             if key.startswith("preprocessing."):
-                assert check(bundle._lookup(meta_like, key)) is None, (name, key)
-        assert prep["input_size"] <= prep["resize"] <= bundle.MAX_RESIZE_RATIO * prep["input_size"]
+                assert check(schema._lookup(meta_like, key)) is None, (name, key)
+        assert prep["input_size"] <= prep["resize"] <= schema.MAX_RESIZE_RATIO * prep["input_size"]
 
 
 # --- io.state and io.context name exactly what the graphs take ---------------------------------------------
@@ -292,3 +293,26 @@ def test_a_decoder_whose_inputs_are_not_the_ones_io_names_is_one_line(env, tmp_p
     rehash(folder)
     line = _refused(folder, image, "decoder.onnx has inputs")
     assert "'cell'" in line and "'io' implies" in line
+
+
+@pytest.mark.parametrize("resize", [8, 100_000])
+def test_export_refuses_a_backbone_whose_resize_no_bundle_could_hold(env, tmp_path, monkeypatch, resize):
+    import dataclasses
+
+    import capcli.registry
+    from capcli.backbone import Preprocessing
+    from capcli.bundle.build import export
+
+    real = capcli.registry.get_backbone
+
+    def odd_resize(name):
+        spec = real(name)
+        prep = spec.preprocessing
+        return dataclasses.replace(spec, preprocessing=Preprocessing(prep.input_size, resize, prep.mean, prep.std))
+
+    monkeypatch.setattr(capcli.registry, "get_backbone", odd_resize)
+    run = Path(json.loads((env["bundle"] / "capcli.json").read_text())["source_checkpoint"])
+    with pytest.raises(CapcliError, match=r"cannot be exported: 'preprocessing.resize'") as refused:
+        export(run, tmp_path / "out", exporter="torchscript")
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

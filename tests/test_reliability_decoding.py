@@ -15,10 +15,10 @@ from PIL import Image
 from tiny_models import tiny_checkpoint, tiny_plugin
 from typer.testing import CliRunner
 
-import capcli.caption
-from capcli.caption import CaptionResult
+import capcli.runtime.captioner
+from capcli.bundle.build import export
 from capcli.cli import app
-from capcli.export import export
+from capcli.runtime.captioner import CaptionResult
 from capcli.serve.app import ServeSettings, create_app
 
 
@@ -71,7 +71,7 @@ def test_json_lines_never_carry_nan_or_infinity(env, monkeypatch):
         on_result(result)
         return [result]
 
-    monkeypatch.setattr(capcli.caption, "caption_images", non_finite)
+    monkeypatch.setattr(capcli.runtime.captioner, "caption_images", non_finite)
     result = invoke("caption", env["photo"], "--model", env["bundle"], "--json")
     line = json.loads(result.stdout.splitlines()[0], parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert line["score"] is None and line["beams"][0]["score"] is None

@@ -16,8 +16,8 @@ import pytest
 from tiny_models import tiny_checkpoint, tiny_plugin
 from typer.testing import CliRunner
 
+from capcli.bundle.build import export
 from capcli.cli import app
-from capcli.export import export
 
 
 @pytest.fixture(scope="module")

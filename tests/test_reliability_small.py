@@ -12,10 +12,11 @@ import pytest
 from tiny_models import tiny_checkpoint, tiny_plugin
 from typer.testing import CliRunner
 
-from capcli import bundle
+from capcli.bundle import manifest as bundle
+from capcli.bundle import schema
+from capcli.bundle.build import export
 from capcli.cli import app
 from capcli.errors import CapcliError
-from capcli.export import export
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def _copy(tiny_bundle, tmp_path):
 def test_an_oversized_manifest_is_refused_unread(tiny_bundle, tmp_path, monkeypatch):
     folder = _copy(tiny_bundle, tmp_path)
     with open(folder / bundle.MANIFEST, "ab") as f:
-        f.write(b" " * (bundle.MAX_MANIFEST_BYTES + 1))
+        f.write(b" " * (schema.MAX_MANIFEST_BYTES + 1))
     monkeypatch.setattr(bundle.Path, "read_text", lambda *_a, **_k: pytest.fail("read before its size was checked"))
     with pytest.raises(CapcliError, match="refused unread"):
         bundle.read_manifest(folder)

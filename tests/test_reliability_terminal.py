@@ -11,9 +11,9 @@ import pytest
 from tiny_models import tiny_checkpoint, tiny_plugin
 from typer.testing import CliRunner
 
+from capcli.bundle.build import export
 from capcli.cli import app
 from capcli.console import shown
-from capcli.export import export
 
 ESC = "\x1b"
 HOSTILE = f"a{ESC}[31mred{ESC}]0;title\x07\nforged line\r\x9b.jpg"

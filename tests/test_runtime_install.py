@@ -12,7 +12,7 @@ import httpx
 import pytest
 from serve_helpers import PHOTOS, running_server
 
-from capcli.caption import caption_images, open_captioner
+from capcli.runtime.captioner import caption_images, open_captioner
 
 ROOT = Path(__file__).parents[1]
 TRAINING_COMMANDS = {

@@ -10,14 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli import checkpoint, decoders
-from capcli.cider import CiderD
 from capcli.cli.app import app
 from capcli.data.text import Vocabulary
 from capcli.errors import CapcliError
-from capcli.model import CaptionDecoder, DecoderConfig
-from capcli.rollout import rollout, start, step
-from capcli.scst import ScstConfig, baselines, scst, scst_loss
+from capcli.model import checkpoint, decoders
+from capcli.model.pooled import CaptionDecoder, DecoderConfig
+from capcli.train.cider import CiderD
+from capcli.train.rollout import rollout, start, step
+from capcli.train.scst import ScstConfig, baselines, scst, scst_loss
 
 runner = CliRunner()
 
@@ -72,7 +72,7 @@ def test_mean_baseline_is_the_other_samples_mean_and_greedy_repeats_per_image():
 @pytest.mark.parametrize("run", ["tiny_run", "tiny_attention_run"])
 def test_greedy_rollout_gives_the_captions_of_decode_greedy(run, request):
     from capcli.decode import greedy
-    from capcli.runtime_torch import torch_step
+    from capcli.model.steps import torch_step
 
     ckpt = checkpoint.load(request.getfixturevalue(run))
     decoder = decoders.load(ckpt)

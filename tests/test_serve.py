@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from serve_helpers import PHOTOS, bad_uploads, rss_mb, running_server
 from typer.testing import CliRunner
 
-from capcli.bundle import read_manifest
-from capcli.caption import Sampling, caption_images, open_captioner
+from capcli.bundle.manifest import read_manifest
 from capcli.cli import app as cli_app
+from capcli.runtime.captioner import Sampling, caption_images, open_captioner
 from capcli.serve import batcher as batcher_module
 from capcli.serve.app import ServeSettings, create_app, hypothesis_json, image_result, public_manifest
 from capcli.serve.batcher import DecodeOptions, MicroBatcher, ServerBusy
@@ -130,7 +130,7 @@ def test_hypotheses_with_attention_pass_through_as_json():
 
 
 def test_an_attention_bundle_answers_each_words_weights_over_its_grid(tiny_attention_run, tmp_path):
-    from capcli.export import export
+    from capcli.bundle.build import export
 
     bundle = export(tiny_attention_run, tmp_path / "attention")
     captioner = open_captioner(bundle, "onnx", provider="cpu")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from serve_helpers import PHOTOS, running_server
 
-from capcli.caption import caption_images, open_captioner
+from capcli.runtime.captioner import caption_images, open_captioner
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTEFACTS = Path(os.environ.get("CAPCLI_TEST_ARTEFACTS", Path(tempfile.gettempdir()) / "capcli-test-artefacts"))
@@ -93,7 +93,7 @@ def test_upload_a_photo_and_see_the_pipelines_caption(browser, exported_tiny, tm
 
 @pytest.fixture(scope="module")
 def attention_bundle(tiny_attention_run, tmp_path_factory):
-    from capcli.export import export
+    from capcli.bundle.build import export
 
     return export(tiny_attention_run, tmp_path_factory.mktemp("exported") / "attention")
 

@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 
-from capcli import checkpoint
 from capcli.errors import CapcliError
-from capcli.train import TrainConfig, batches_for_rank, train
+from capcli.model import checkpoint
+from capcli.train.batches import batches_for_rank
+from capcli.train.config import TrainConfig
+from capcli.train.loop import train
 
 
 def test_run_directory_holds_everything(tiny_run):
@@ -184,7 +186,7 @@ def test_item7_non_finite_loss_stops_the_run_without_claiming_a_best_checkpoint(
 
 def test_item7_divergence_after_a_good_epoch_keeps_its_checkpoints(tiny_run, small_synthetic, tmp_path,
                                                                      monkeypatch):
-    import capcli.train as training
+    import capcli.train.loop as training
 
     real_epoch = training.run_epoch
 

@@ -10,12 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli import checkpoint, decoders
-from capcli.attention import AttentionDecoder
 from capcli.cli import app
 from capcli.errors import CapcliError
-from capcli.model import CaptionDecoder
-from capcli.train import TrainConfig, batches_for_rank, train
+from capcli.model import checkpoint, decoders
+from capcli.model.attention import AttentionDecoder
+from capcli.model.pooled import CaptionDecoder
+from capcli.train.batches import batches_for_rank
+from capcli.train.config import TrainConfig
+from capcli.train.loop import train
 
 
 def _config(run, small_synthetic, **overrides) -> TrainConfig:

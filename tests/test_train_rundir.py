@@ -8,7 +8,8 @@ import json
 import pytest
 
 from capcli.errors import CapcliError
-from capcli.train import TrainConfig, train
+from capcli.train.config import TrainConfig
+from capcli.train.loop import train
 
 
 def tiny(small_synthetic, out, **options) -> TrainConfig:

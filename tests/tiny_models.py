@@ -50,10 +50,10 @@ def tiny_checkpoint(run: Path, dataset: Path, hidden_dim: int = 16, num_layers: 
     import torch
     from tiny_backbone import tiny
 
-    from capcli import checkpoint
     from capcli.data.readers import load_dataset
     from capcli.data.text import Vocabulary
-    from capcli.model import CaptionDecoder, DecoderConfig
+    from capcli.model import checkpoint
+    from capcli.model.pooled import CaptionDecoder, DecoderConfig
     from capcli.paths import atomic_write_json
 
     ds = load_dataset(str(dataset), seed=0)
@@ -80,7 +80,7 @@ def tiny_checkpoint(run: Path, dataset: Path, hidden_dim: int = 16, num_layers: 
 
 def tiny_env(tmp: Path, dataset: Path, exporter: str = "torchscript") -> dict[str, Path]:
     """Plugin folder, a tiny run and its bundle below `tmp` (call inside `tiny_plugin`)."""
-    from capcli.export import export
+    from capcli.bundle.build import export
 
     run = tiny_checkpoint(tmp / "run", dataset)
     bundle = export(run, tmp / "bundle", exporter=exporter)
@@ -91,7 +91,7 @@ def export_step(path: Path, vocab_size: int, hidden_dim: int = 16, num_layers: i
     """A decoder.onnx of another (untrained) model, as a mix-up would bring into a bundle."""
     import torch
 
-    from capcli.model import CaptionDecoder, DecoderConfig, DecoderStep
+    from capcli.model.pooled import CaptionDecoder, DecoderConfig, DecoderStep
 
     torch.manual_seed(seed)
     cfg = DecoderConfig(feature_dim=8, vocab_size=vocab_size, embed_dim=8, hidden_dim=hidden_dim,
@@ -113,7 +113,7 @@ def rehash(bundle: Path, **changes) -> dict:
     """Rewrite capcli.json with `changes` and the sha256 of every file as it now is (a careful hand edit)."""
     import json
 
-    from capcli.bundle import MANIFEST, sha256_file
+    from capcli.bundle.manifest import MANIFEST, sha256_file
 
     meta = json.loads((bundle / MANIFEST).read_text())
     meta.update(changes)

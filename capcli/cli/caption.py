@@ -68,7 +68,7 @@ def caption(
 
     Exits 1 when any image could not be captioned (each is named on stderr; the others are captioned).
     """
-    from capcli.caption import Guards, Sampling, caption_images, default_model, find_images, open_captioner
+    from capcli.runtime.captioner import Guards, Sampling, caption_images, default_model, find_images, open_captioner
 
     _check_beams(beams, beam_size, sample)
     if runtime not in ("onnx", "torch"):  # a bad option is named before anything is looked up

@@ -39,8 +39,8 @@ def evaluate_cmd(
     no_repeat_ngram: NoRepeatNgram = 3,
 ) -> None:
     """Score generated captions on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100)."""
-    from capcli.caption import Guards
     from capcli.evaluate import evaluate
+    from capcli.runtime.captioner import Guards
 
     report = evaluate(model, dataset, images, split, beam_size, runtime, provider, device, limit=limit,
                       out=out_file, allow_missing=allow_missing, force=force,

@@ -42,9 +42,9 @@ def export_cmd(
     import json
     from pathlib import Path
 
+    from capcli.bundle.build import export
+    from capcli.bundle.judge import Tolerance
     from capcli.console import shown
-    from capcli.export import export
-    from capcli.quantize import Tolerance
 
     tolerance = None
     if min_agreement is not None or max_cider_loss is not None:

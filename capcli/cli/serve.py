@@ -52,7 +52,7 @@ def serve(
     """Serve a bundle over HTTP: POST /v1/captions, GET /v1/model, /healthz, a web page at / and docs at /docs."""
     import uvicorn
 
-    from capcli.caption import default_model
+    from capcli.runtime.captioner import default_model
     from capcli.serve.app import ServeSettings, create_app
 
     bundle = bundle or str(default_model())

@@ -26,7 +26,7 @@ def features(
 ) -> None:
     """Extract and cache backbone features for a dataset (resumable; a second run is a no-op)."""
     from capcli.data.readers import load_dataset
-    from capcli.features import extract
+    from capcli.features.extraction import extract
     from capcli.registry import get_backbone
 
     spec = get_backbone(backbone)
@@ -34,7 +34,9 @@ def features(
     _print_notes(ds)
     cache = extract(spec, ds, weights, batch_size, workers, device, output="grid" if grid else "pooled", engine=engine)
     what = f"{spec.require_grid()} grid" if grid else f"{spec.feature_dim}-d"
-    out.print(f"{len(cache.images)} images, {what} float16 features in {cache.path}", markup=False)
+    done = len(cache.images) - len(cache.failed)
+    counted = f"{done} of {len(cache.images)} images" if cache.failed else f"{done} images"
+    out.print(f"{counted}, {what} float16 features in {cache.path}", markup=False)
     if cache.failed:
         err.print(f"{len(cache.failed)} images could not be read and were skipped "
                   f"(they are retried on every run):", markup=False)
@@ -102,8 +104,8 @@ def train(
 ) -> None:
     """Train the LSTM caption decoder on cached backbone features (extracted first if needed)."""
     from capcli.errors import CapcliError
-    from capcli.train import TrainConfig
-    from capcli.train import train as run_training
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import train as run_training
 
     if backbone is None and not resume:
         raise CapcliError("--backbone is required (see capcli backbones)")
@@ -142,8 +144,8 @@ def scst(
     best.pt becomes SCST's best epoch once it beats the cross-entropy model on val CIDEr-D (greedy
     captions); the cross-entropy best stays in best_xe.pt. `capcli export RUN` exports best.pt.
     """
-    from capcli.scst import ScstConfig
-    from capcli.scst import scst as run_scst
+    from capcli.train.scst import ScstConfig
+    from capcli.train.scst import scst as run_scst
 
     given = tuple(name for name in ctx.params if _given(ctx, name))
     cfg = ScstConfig(run=run, epochs=epochs, samples=samples, baseline=baseline, lr=lr, batch_size=batch_size,
@@ -156,7 +158,7 @@ def _print_scst(run) -> None:
 
     from rich.table import Table
 
-    from capcli.checkpoint import load
+    from capcli.model.checkpoint import load
 
     path = run / "scst" / "metrics.jsonl"
     history = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

@@ -27,9 +27,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from capcli import __version__
-from capcli.bundle import read_manifest
-from capcli.caption import open_captioner
+from capcli.bundle.manifest import read_manifest
 from capcli.errors import CapcliError
+from capcli.runtime.captioner import open_captioner
 from capcli.serve.batcher import DecodeOptions, MicroBatcher, ServerBusy
 from capcli.serve.limits import MB, BodyAccount, DecodeBudget, Refused, UploadBudget, tune_malloc
 from capcli.serve.uploads import IMAGES_FIELD, UploadError, image_input, read_form

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from capcli.caption import Sampling, decode_states, start_batch
 from capcli.errors import CapcliError
+from capcli.runtime.captioner import Sampling, decode_states, start_batch
 
 
 class ServerBusy(CapcliError):

@@ -15,20 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Grid, Preprocessing, download_state_dict, load_weights
+from capcli.backbone import Backbone, Grid, Preprocessing, pretrained_model
 
 if TYPE_CHECKING:
     from torch import nn
 
 NAME = "inceptionv3"
 MIN_INPUT_SIZE = 75
-
-
-def _imagenet_state_dict() -> dict[str, Any]:
-    """torchvision's IMAGENET1K_V1 weights, through torch.hub's download cache."""
-    from torchvision.models import Inception_V3_Weights
-
-    return download_state_dict(NAME, Inception_V3_Weights.IMAGENET1K_V1.url)
 
 
 def _drop_aux_logits(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -41,15 +34,15 @@ def _drop_aux_logits(module: Any, state_dict: dict[str, Any], prefix: str, *args
 
 
 def _full_model(weights: str) -> nn.Module:
-    from torchvision.models import inception_v3
+    from torchvision.models import Inception_V3_Weights, inception_v3
 
-    # Fetch first: an offline 'imagenet' fails before spending time on initialisation.
-    state = _imagenet_state_dict() if weights == "imagenet" else None
-    # No aux logits at inference; transform_input as the ImageNet weights expect (module docstring).
-    model = inception_v3(weights=None, aux_logits=False, transform_input=True, init_weights=True)
-    model.register_load_state_dict_pre_hook(_drop_aux_logits)
-    load_weights(model, weights, NAME, state)
-    return model
+    def build() -> nn.Module:
+        # No aux logits at inference; transform_input as the ImageNet weights expect (module docstring).
+        model = inception_v3(weights=None, aux_logits=False, transform_input=True, init_weights=True)
+        model.register_load_state_dict_pre_hook(_drop_aux_logits)
+        return model
+
+    return pretrained_model(NAME, weights, build, Inception_V3_Weights.IMAGENET1K_V1.url)
 
 
 def _build(weights: str) -> nn.Module:

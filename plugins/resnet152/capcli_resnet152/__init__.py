@@ -6,9 +6,9 @@ torch and torchvision are imported inside the builder.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from capcli.backbone import Backbone, Grid, Preprocessing, download_state_dict, load_weights
+from capcli.backbone import Backbone, Grid, Preprocessing, pretrained_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -16,21 +16,10 @@ if TYPE_CHECKING:
 NAME = "resnet152"
 
 
-def _imagenet_state_dict() -> dict[str, Any]:
-    """torchvision's IMAGENET1K_V1 weights, through torch.hub's download cache."""
-    from torchvision.models import ResNet152_Weights
-
-    return download_state_dict(NAME, ResNet152_Weights.IMAGENET1K_V1.url)
-
-
 def _full_model(weights: str) -> nn.Module:
-    from torchvision.models import resnet152
+    from torchvision.models import ResNet152_Weights, resnet152
 
-    # Fetch first: an offline 'imagenet' fails before spending time on initialisation.
-    state = _imagenet_state_dict() if weights == "imagenet" else None
-    model = resnet152(weights=None)
-    load_weights(model, weights, NAME, state)
-    return model
+    return pretrained_model(NAME, weights, lambda: resnet152(weights=None), ResNet152_Weights.IMAGENET1K_V1.url)
 
 
 def _build(weights: str) -> nn.Module:

@@ -6,9 +6,9 @@ torch and torchvision are imported inside the builder.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from capcli.backbone import Backbone, Grid, Preprocessing, download_state_dict, load_weights
+from capcli.backbone import Backbone, Grid, Preprocessing, pretrained_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -16,21 +16,10 @@ if TYPE_CHECKING:
 NAME = "vgg16"
 
 
-def _imagenet_state_dict() -> dict[str, Any]:
-    """torchvision's IMAGENET1K_V1 weights, through torch.hub's download cache."""
-    from torchvision.models import VGG16_Weights
-
-    return download_state_dict(NAME, VGG16_Weights.IMAGENET1K_V1.url)
-
-
 def _full_model(weights: str) -> nn.Module:
-    from torchvision.models import vgg16
+    from torchvision.models import VGG16_Weights, vgg16
 
-    # Fetch first: an offline 'imagenet' fails before spending time on initialisation.
-    state = _imagenet_state_dict() if weights == "imagenet" else None
-    model = vgg16(weights=None)
-    load_weights(model, weights, NAME, state)
-    return model
+    return pretrained_model(NAME, weights, lambda: vgg16(weights=None), VGG16_Weights.IMAGENET1K_V1.url)
 
 
 def _build(weights: str) -> nn.Module:

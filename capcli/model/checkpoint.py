@@ -41,7 +41,7 @@ def load(path: str | Path) -> dict:
 
 def build_decoder(ckpt: dict) -> torch.nn.Module:
     """The checkpoint's decoder (pooled or attention, as it records) with its weights, in eval mode."""
-    from capcli import decoders
+    from capcli.model import decoders
 
     return decoders.load(ckpt)
 
@@ -50,7 +50,7 @@ def check_matches(
     ckpt: dict, backbone_name: str, feature_dim: int, vocab_sha256: str | None = None, decoder: str | None = None
 ) -> None:
     """A clear error when a checkpoint meets a backbone, vocabulary or decoder kind it was not trained with."""
-    from capcli import decoders
+    from capcli.model import decoders
 
     if decoder is not None and decoders.kind_of(ckpt) != decoder:
         raise CapcliError(

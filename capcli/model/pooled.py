@@ -13,7 +13,9 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class LstmConfig:
+    """What both decoders share: the vocabulary, the word embedding and the LSTM."""
+
     feature_dim: int
     vocab_size: int
     embed_dim: int = 256
@@ -21,10 +23,19 @@ class DecoderConfig:
     num_layers: int = 1
     dropout: float = 0.3
     pad_id: int = 0
-    feature_input: bool = False  # also feed the image as the LSTM's first input step (Show and Tell)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def lstm(self, input_size: int) -> nn.LSTM:
+        """The decoder's LSTM over `input_size` inputs per step (dropout between layers only when stacked)."""
+        return nn.LSTM(input_size, self.hidden_dim, self.num_layers, batch_first=True,
+                       dropout=self.dropout if self.num_layers > 1 else 0.0)
+
+
+@dataclass(frozen=True)
+class DecoderConfig(LstmConfig):
+    feature_input: bool = False  # also feed the image as the LSTM's first input step (Show and Tell)
 
 
 class CaptionDecoder(nn.Module):
@@ -38,13 +49,7 @@ class CaptionDecoder(nn.Module):
         self.init_c = nn.Linear(cfg.feature_dim, cfg.num_layers * cfg.hidden_dim)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)
         self.feature_embed = nn.Linear(cfg.feature_dim, cfg.embed_dim) if cfg.feature_input else None
-        self.lstm = nn.LSTM(
-            cfg.embed_dim,
-            cfg.hidden_dim,
-            cfg.num_layers,
-            batch_first=True,
-            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
-        )
+        self.lstm = cfg.lstm(cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
 

@@ -241,12 +241,12 @@ def open_captioner(model: str | Path, runtime: str = "onnx", provider: str = "au
     from capcli.errors import CapcliError
 
     if runtime == "onnx":
-        from capcli.runtime_onnx import OnnxCaptioner
+        from capcli.runtime.onnx_runtime import OnnxCaptioner
 
         return OnnxCaptioner(model, provider=provider)
     if runtime == "torch":
-        from capcli.features import resolve_device
-        from capcli.runtime_torch import TorchCaptioner
+        from capcli.devices import resolve_device
+        from capcli.runtime.torch_runtime import TorchCaptioner
 
         return TorchCaptioner(model, device=resolve_device(device))
     raise CapcliError(f"unknown runtime '{runtime}'; use onnx or torch")

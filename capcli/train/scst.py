@@ -1,7 +1,7 @@
 """Self-critical sequence training (Rennie et al. 2017): fine-tune a cross-entropy run on CIDEr-D itself.
 
-Per batch of training images: draw k captions per image from the decoder (`capcli.rollout`, in torch on
-the training device), reward each with CIDEr-D against that image's references (`capcli.cider`, document
+Per batch of training images: draw k captions per image from the decoder (`capcli.train.rollout`, in torch on
+the training device), reward each with CIDEr-D against that image's references (`capcli.train.cider`, document
 frequencies of the training references), subtract a baseline and step the policy gradient, the mean over
 generated tokens (<end> included) of -(reward - baseline) * log p. Baselines:
 - "greedy" (the paper's): the reward of the model's own greedy caption for the image, so only samples
@@ -33,24 +33,23 @@ from pathlib import Path
 
 import torch
 
-from capcli import checkpoint, decoders
-from capcli.batches import feature_source
 from capcli.console import err, progress
+from capcli.devices import matmul_dtype
 from capcli.errors import CapcliError
+from capcli.model import checkpoint, decoders
 from capcli.paths import atomic_write_bytes
-from capcli.rollout import rollout
-from capcli.train import (
+from capcli.train.batches import batches_for_rank, feature_source
+from capcli.train.captions import encode_split
+from capcli.train.distributed import (
     all_equal_checksums,
     barrier,
-    batches_for_rank,
-    encode_split,
     gather_rng_states,
-    matmul_dtype,
     mean_over_ranks,
     restore_rng_states,
     setup_distributed,
-    write_metrics,
 )
+from capcli.train.rollout import rollout
+from capcli.train.run_folder import write_metrics
 
 BASELINES = ("greedy", "mean")
 # Options a continued SCST run may change: how long and where it runs, not what it learns.
@@ -112,7 +111,7 @@ def cross_entropy_checkpoint(run: Path) -> Path:
 
 def settings_to_continue(cfg: ScstConfig, saved: dict) -> ScstConfig:
     """`cfg` with the saved SCST run's settings; CapcliError if an option the user gave conflicts."""
-    from capcli.train_options import explicitly_given
+    from capcli.train.config import explicitly_given
 
     given = explicitly_given(cfg)  # the CLI's record, or (from Python) the options not at their defaults
     fixed = [f.name for f in fields(cfg) if f.name not in CHANGEABLE_ON_RESUME and f.name in saved]
@@ -216,11 +215,13 @@ def run_epoch(decoder, table, feats, row_of, cider, opt, cfg, vocab, max_len, cl
 
 def scst(cfg: ScstConfig, show_progress: bool = True) -> Path:
     """Fine-tune a cross-entropy run with self-critical training; returns the run folder (see the module doc)."""
-    from capcli.cider import CiderD
     from capcli.data.readers import load_dataset
     from capcli.data.text import Vocabulary, build_vocabulary
-    from capcli.features import extract, load_features, resolve_device
+    from capcli.devices import resolve_device
+    from capcli.features.cache import load_features
+    from capcli.features.extraction import extract
     from capcli.registry import get_backbone
+    from capcli.train.cider import CiderD
 
     cfg.validate()
     out = Path(cfg.run)

@@ -138,7 +138,7 @@ def export_graph(backbone: Backbone, weights: str, output: str = "pooled", opset
     import torch
 
     from capcli.console import err
-    from capcli.export import _check_graph, _export  # the bundle's exporter: same fallbacks, same checks
+    from capcli.onnx_graphs import check_graph, write_graph  # as the bundle's graphs: same fallbacks and checks
 
     name = _output(output).name
     module = build_module(backbone, weights, output)
@@ -148,8 +148,8 @@ def export_graph(backbone: Backbone, weights: str, output: str = "pooled", opset
     axes = {"pixels": 0, name: 0}
     try:
         with err.status(f"exporting {backbone.name} ({output}) to ONNX once, for ONNX Runtime extraction"):
-            _export(module, (example,), tmp, ["pixels"], [name], axes, opset, "dynamo")
-            _check_graph(tmp, axes)
+            write_graph(module, (example,), tmp, ["pixels"], [name], axes, opset, "dynamo")
+            check_graph(tmp, axes)
         with torch.inference_mode():
             expected = module(example).numpy()
         _check_agreement(backbone, tmp, name, example.numpy(), expected)
@@ -199,7 +199,7 @@ SMALL_CPU = 4  # up to this many cores, CPU extraction computes one single-threa
 
 def cpu_runs() -> int:
     """Batches ONNX Runtime computes at once during CPU extraction: one per core on a small CPU, each run
-    single-threaded and the images loaded by the main thread in between (`capcli.features`); on larger
+    single-threaded and the images loaded by the main thread in between (`capcli.features.extraction`); on larger
     CPUs one run over all cores, with loader worker processes.
 
     A run over all cores waits at every parallel step for its slowest thread, and while images are being
@@ -268,7 +268,7 @@ def _open_session(path: Path, device: str, threads: int | None, output: str):
     if device.startswith("cuda"):
         import onnxruntime as ort
 
-        from capcli.runtime_onnx import choose_providers
+        from capcli.providers import choose_providers
 
         session = ort.InferenceSession(str(path), providers=choose_providers("cuda"))
     else:

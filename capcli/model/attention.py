@@ -15,31 +15,22 @@ which asks every position to be looked at about once over a caption.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from capcli.model import lstm_step
+from capcli.model.pooled import LstmConfig, lstm_step
 
 KIND = "attention"
 
 
 @dataclass(frozen=True)
-class AttentionConfig:
-    feature_dim: int  # C, the backbone grid's channels
-    vocab_size: int
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    num_layers: int = 1
-    dropout: float = 0.3
-    pad_id: int = 0
+class AttentionConfig(LstmConfig):
+    # feature_dim is C, the backbone grid's channels
     context_dim: int = 256  # C': grid channels after the per-image projection
     attention_dim: int = 256  # A: size of the additive attention's hidden layer
     attention_reg: float = 1.0  # lambda of the doubly stochastic regularisation
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class AttentionDecoder(nn.Module):
@@ -58,13 +49,7 @@ class AttentionDecoder(nn.Module):
         self.init_c = nn.Linear(cfg.context_dim, cfg.num_layers * cfg.hidden_dim)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)
         # Used one step at a time through `lstm_step` (attention needs h_{t-1} before step t).
-        self.lstm = nn.LSTM(
-            cfg.embed_dim + cfg.context_dim,
-            cfg.hidden_dim,
-            cfg.num_layers,
-            batch_first=True,
-            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
-        )
+        self.lstm = cfg.lstm(cfg.embed_dim + cfg.context_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
 

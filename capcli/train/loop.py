@@ -9,175 +9,45 @@ CPU): every rank takes its share of each epoch's shuffled captions and only rank
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from capcli import checkpoint, decoders
-from capcli.attention import AttentionConfig, doubly_stochastic
-from capcli.batches import feature_source, grouped_order
 from capcli.console import err, progress
+from capcli.devices import matmul_dtype
 from capcli.errors import CapcliError
-from capcli.model import DecoderConfig
-from capcli.paths import atomic_write_json, atomic_write_text
+from capcli.model import checkpoint, decoders
+from capcli.model.attention import AttentionConfig, doubly_stochastic
+from capcli.model.pooled import DecoderConfig
+from capcli.paths import atomic_write_json
+from capcli.train.batches import batches_for_rank, feature_source
+from capcli.train.captions import encode_split
+from capcli.train.config import TrainConfig
+from capcli.train.distributed import (
+    all_equal_checksums,
+    barrier,
+    gather_rng_states,
+    mean_over_ranks,
+    restore_rng_states,
+    setup_distributed,
+)
+from capcli.train.run_folder import (
+    check_run_dir,
+    checkpoint_to_resume,
+    make_run_dir,
+    plot_curves,
+    run_dir,
+    write_metrics,
+)
 
 # benchmarks/bench_decoders.py: the attention decoder is right more often on every checkable figure of the
 # synthetic set; a backbone that declares no grid gets the pooled decoder.
 DEFAULT_DECODER = "attention"
-
-
-@dataclass
-class TrainConfig:
-    backbone: str
-    dataset: str = "synthetic"
-    images: str | None = None
-    weights: str = "imagenet"
-    out: str | None = None
-    epochs: int = 20
-    # The defaults are the Flickr8k recipe (README, "Real photographs"; benchmarks/bench_flickr8k.py), chosen on val.
-    batch_size: int = 128
-    lr: float = 2e-3
-    lr_keep_epochs: int = 3  # constant LR for this many epochs, then x lr_decay per epoch
-    lr_decay: float = 0.9
-    clip_norm: float = 1.0
-    patience: int = 4
-    threshold: int = 5
-    max_len: int = 20
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    num_layers: int = 1
-    dropout: float = 0.5
-    feature_input: bool = False  # image also as the LSTM's first input step (pooled decoder)
-    decoder: str | None = None  # "pooled" or "attention" (needs a grid); None: DEFAULT_DECODER, or the resumed run's
-    context_dim: int = 256  # attention: grid channels after the learned per-image projection
-    attention_dim: int = 256  # attention: hidden size of the additive attention
-    attention_reg: float = 1.0  # attention: lambda of the doubly stochastic regularisation
-    val_sample: int = 1000  # images captioned (greedy) per epoch for BLEU-4 / CIDEr-D (model selection)
-    select_on: str = "cider"  # best.pt and early stopping: "cider" (val CIDEr-D of greedy captions) or "loss"
-    label_smoothing: float = 0.1
-    precision: str = "auto"  # matrix products in "bf16" or "fp32"; auto: bf16 where the device computes it natively
-    seed: int = 0
-    device: str = "auto"
-    workers: int | None = None
-    engine: str = "auto"  # feature extraction: auto (ONNX Runtime on CPU, PyTorch on CUDA), torch, onnx
-    feature_batch_size: int = 32
-    resume: bool = False
-    extra: dict = field(default_factory=dict)
-    # Names of the options the user set explicitly (the CLI fills it); None: those not at their default.
-    # `--resume` refuses an explicitly given option that conflicts with the run's own.
-    given: tuple[str, ...] | None = None
-
-    def validate(self) -> None:
-        """CapcliError naming every bad option in one line (the one validator of training options)."""
-        from capcli.train_options import validate
-
-        validate(self)
-
-
-@dataclass
-class CaptionTable:
-    """Encoded captions of one split: feature row per caption and padded token ids."""
-
-    rows: torch.Tensor  # [M] int64 index into the feature array
-    tokens: torch.Tensor  # [M, T] int64, <start> ... <end> <pad>...
-    images: list[str]  # the split's usable images, for generation
-    references: dict[str, list[str]]
-
-
-def encode_split(ds, split: str, vocab, cache, max_len: int) -> CaptionTable:
-    row_of = cache.row_index()
-    rows, seqs, images, refs = [], [], [], {}
-    for image in ds.splits[split]:
-        if image in cache.failed or image not in row_of:
-            continue
-        images.append(image)
-        refs[image] = ds.captions[image]
-        for caption in ds.captions[image]:
-            rows.append(row_of[image])
-            seqs.append(vocab.encode(caption, max_len=max_len))
-    if not seqs:
-        raise CapcliError(no_usable_captions(ds, split, cache))
-    tokens = torch.full((len(seqs), max(map(len, seqs))), vocab.pad_id, dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        tokens[i, : len(seq)] = torch.tensor(seq)
-    return CaptionTable(torch.tensor(rows), tokens, images, refs)
-
-
-def no_usable_captions(ds, split: str, cache) -> str:
-    """Why a split has nothing to train or validate on, and what to do about it."""
-    names = ds.splits[split]
-    if not names:
-        return f"the {split} split has no images: the dataset is too small or its split lists leave it empty"
-    reason = cache.failed.get(names[0], f"{names[0]}: not in the feature cache")
-    return (
-        f"the {split} split has no usable captions: none of its {len(names)} images could be read "
-        f"(first: {reason}); images are read from {ds.images_dir}: put them there or pass --images DIR "
-        "(capcli data info lists the missing ones), then rerun: failed images are retried"
-    )
-
-
-# --- distributed -----------------------------------------------------------------------------
-
-
-def setup_distributed(device: str) -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return dist.get_rank(), world
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def mean_over_ranks(value: float, world: int, device: str) -> float:
-    """The same number on every rank, so early-stopping decisions can never diverge."""
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.item() / world
-
-
-def all_equal_checksums(model: torch.nn.Module, world: int) -> list[float]:
-    """Sum of all parameters on every rank: DDP ranks must hold identical weights."""
-    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    if world == 1:
-        return [total.item()]
-    gathered = [torch.zeros_like(total) for _ in range(world)]
-    torch.distributed.all_gather(gathered, total.to(next(model.parameters()).device))
-    return [g.item() for g in gathered]
-
-
-# --- one epoch -------------------------------------------------------------------------------
-
-
-def batches_for_rank(
-    n: int, batch_size: int, epoch_seed: int, rank: int, world: int, groups: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    """This rank's batches of caption indices; every rank gets the same number of batches.
-
-    With `groups` (each caption's image row) the captions of one image are kept adjacent, so a batch
-    holds few images with several captions each (see `capcli.batches.grouped_order`).
-    """
-    g = torch.Generator().manual_seed(epoch_seed)
-    perm = torch.randperm(n, generator=g) if groups is None else grouped_order(groups, g)
-    per_rank = n // world
-    mine = perm[rank * per_rank : (rank + 1) * per_rank] if world > 1 else perm
-    return list(mine.split(batch_size))
 
 
 def caption_loss(
@@ -185,7 +55,7 @@ def caption_loss(
 ) -> tuple[torch.Tensor, int, float]:
     """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]; padding ignored.
 
-    `inputs`: pooled features [N, D], or the decoder's keyword inputs (see `capcli.batches`). An
+    `inputs`: pooled features [N, D], or the decoder's keyword inputs (see `capcli.train.batches`). An
     attention decoder adds reg x its doubly stochastic regulariser over the real steps. Returns the
     loss to minimise, the number of predicted tokens and the regulariser's share of the loss.
     """
@@ -209,7 +79,7 @@ def trim(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 
 def run_epoch(model, table, feats, opt, cfg, epoch, rank, world, device, bar, task) -> dict:
-    """One pass over this rank's shuffled captions (`feats`: a `capcli.batches` source); a single process
+    """One pass over this rank's shuffled captions (`feats`: a `capcli.train.batches` source); a single process
     stops at a non-finite loss."""
     model.train()
     low_precision = matmul_dtype(cfg.precision, device) != torch.float32
@@ -243,26 +113,6 @@ def run_epoch(model, table, feats, opt, cfg, epoch, rank, world, device, bar, ta
     return stats
 
 
-def matmul_dtype(precision: str, device: str) -> torch.dtype:
-    """The dtype of the training's matrix products: bfloat16 on CUDA and on CPUs with native bfloat16
-    (AVX512-BF16 or AMX: about twice fp32's speed for this decoder), float32 elsewhere or when asked.
-
-    Weights, optimiser state and the LSTM's cell state stay float32 (autocast), as on CUDA.
-    """
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16" or device.startswith("cuda"):
-        return torch.bfloat16
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 @torch.no_grad()
 def validation_loss(decoder, table, feats, device, batch_size: int = 256) -> float:
     """Mean cross-entropy over the validation captions (no regulariser: comparable across decoders)."""
@@ -281,7 +131,7 @@ def generated_scores(decoder, table, feats, cache, vocab, sample: int, device) -
     """BLEU-4 and CIDEr-D of greedy captions on a bounded, fixed sample of validation images."""
     from capcli.decode import greedy
     from capcli.metrics import score_captions
-    from capcli.runtime_torch import torch_step
+    from capcli.model.steps import torch_step
 
     images = table.images[:sample]
     row_of = cache.row_index()
@@ -294,28 +144,6 @@ def generated_scores(decoder, table, feats, cache, vocab, sample: int, device) -
         candidates.update({img: vocab.decode(h.tokens) for img, h in zip(chunk, hyps, strict=True)})
     scores = score_captions({i: table.references[i] for i in images}, candidates, meteor=False, tokenizer="simple")
     return {"val_bleu4": scores.values["BLEU-4"], "val_cider": scores.values["CIDEr-D"]}
-
-
-# --- the run ---------------------------------------------------------------------------------
-
-
-def gather_rng_states(world: int) -> list[dict]:
-    """Every rank's random number generator states, in rank order (saved with each checkpoint)."""
-    state = checkpoint.rng_state()
-    if world == 1:
-        return [state]
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
-
-
-def restore_rng_states(ckpt: dict, rank: int, world: int) -> None:
-    states = ckpt.get("rng")
-    if isinstance(states, list) and len(states) == world:
-        checkpoint.restore_rng_state(states[rank])
-    elif rank == 0:
-        err.print("note: the checkpoint has no random-number state for this many processes, so the resumed "
-                  "run will not exactly repeat an uninterrupted one")
 
 
 def check_finite(loss: float, what: str, epoch: int, cfg: TrainConfig, out: Path, bar) -> None:
@@ -335,58 +163,15 @@ def lr_factor(cfg: TrainConfig):
     return lambda epoch: 1.0 if epoch < cfg.lr_keep_epochs else cfg.lr_decay ** (epoch - cfg.lr_keep_epochs + 1)
 
 
-def run_dir(cfg: TrainConfig) -> Path:
-    if not cfg.out and not cfg.backbone:
-        raise CapcliError("give --out RUN_DIR (or --backbone, for runs/BACKBONE)")
-    return Path(cfg.out or f"runs/{cfg.backbone}")
-
-
-def checkpoint_to_resume(cfg: TrainConfig) -> dict:
-    out = check_run_dir(cfg)
-    return checkpoint.load(out / "last.pt")
-
-
-# What a run writes before its first checkpoint: a run killed then (no last.pt) holds nothing worth keeping.
-UNSTARTED_RUN_FILES = frozenset({"config.json", "vocab.json"})
-
-
-def check_run_dir(cfg: TrainConfig) -> Path:
-    """The run directory, refused before any work when it cannot take this run; created later (`make_run_dir`),
-    so that a run refused or failing before training leaves no empty folder behind."""
-    out = run_dir(cfg)
-    if out.exists() and not out.is_dir():
-        raise CapcliError(f"'{out}' exists and is not a folder; choose another --out")
-    if (out / "best_xe.pt").exists():
-        raise CapcliError(f"'{out}' went on with self-critical training (capcli scst): cross-entropy training "
-                          "cannot resume there; start a new run with another --out")
-    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if entries and not cfg.resume:
-        if (out / "last.pt").exists():
-            raise CapcliError(f"run directory '{out}' already holds a run; use --resume or another --out")
-        if not entries <= UNSTARTED_RUN_FILES:
-            raise CapcliError(f"'{out}' exists and is not empty; choose another --out")
-    if cfg.resume and not (out / "last.pt").exists():
-        extra = (f" (it holds only {', '.join(sorted(entries))}: a run stopped before its first epoch ended; "
-                 "train into it again without --resume)") if entries and entries <= UNSTARTED_RUN_FILES else ""
-        raise CapcliError(f"nothing to resume in '{out}' (no last.pt){extra}")
-    return out
-
-
-def make_run_dir(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CapcliError(f"cannot create the run directory '{out}': {exc.strerror or type(exc).__name__}") from None
-    return out
-
-
 def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     """Train a decoder; returns the run directory (best.pt, last.pt, vocab.json, metrics, curves)."""
     from capcli.data.readers import load_dataset
     from capcli.data.text import build_vocabulary, check_coverage
-    from capcli.features import extract, load_features, resolve_device
+    from capcli.devices import resolve_device
+    from capcli.features.cache import load_features
+    from capcli.features.extraction import extract
     from capcli.registry import get_backbone
-    from capcli.train_options import settings_for_resume
+    from capcli.train.config import settings_for_resume
 
     resume_ckpt = checkpoint_to_resume(cfg) if cfg.resume else None
     if resume_ckpt is not None:
@@ -544,40 +329,3 @@ def print_epoch(s: dict) -> None:
     )
 
 
-def write_metrics(out: Path, history: list[dict]) -> None:
-    """metrics.jsonl (everything) and metrics.csv (the per-epoch numbers, for spreadsheets)."""
-    import csv
-    import io
-
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    columns = [k for k, v in history[0].items() if isinstance(v, int | float | bool)]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(out / "metrics.csv", buf.getvalue())
-
-
-def plot_curves(out: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_loss.legend()
-    ax_score.plot(epochs, [h["val_bleu4"] for h in history], label="BLEU-4")
-    ax_score.plot(epochs, [h["val_cider"] for h in history], label="CIDEr-D")
-    ax_score.set(xlabel="epoch", ylabel="score (0-100)", title="validation, greedy captions")
-    ax_score.legend()
-    fig.tight_layout()
-    tmp = out / ".curves.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(out / "curves.png")

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from capcli.attention import AttentionConfig, AttentionDecoder
-from capcli.backbone import Backbone, _first_problem
+from capcli.backbone import Backbone, first_problem
 from capcli.errors import CapcliError
-from capcli.model import CaptionDecoder, DecoderConfig
-from capcli.train_options import DECODER_KINDS as KINDS
+from capcli.model import DECODER_KINDS as KINDS
+from capcli.model.attention import AttentionConfig, AttentionDecoder
+from capcli.model.pooled import CaptionDecoder, DecoderConfig
 
 _CONFIGS = {"pooled": DecoderConfig, "attention": AttentionConfig}
 _MODULES = {"pooled": CaptionDecoder, "attention": AttentionDecoder}
@@ -77,7 +77,7 @@ def load(ckpt: dict) -> nn.Module:
     try:
         decoder.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise CapcliError(f"checkpoint weights do not fit {_a(kind)} decoder: {_first_problem(exc)}") from None
+        raise CapcliError(f"checkpoint weights do not fit {_a(kind)} decoder: {first_problem(exc)}") from None
     return decoder.eval()
 
 

@@ -1,4 +1,5 @@
-"""The one validator of training options, and the settings a resumed run takes from its checkpoint.
+"""A training run's options (`TrainConfig`), their one validator, and the settings a resumed run takes from its
+checkpoint.
 
 Used by the library (`TrainConfig.validate`, called by `train`) and so by the CLI: every bad option
 is named in one line, before any data is read or any file written. Torch is not imported here.
@@ -7,17 +8,17 @@ is named in one line, before any data is read or any file written. Torch is not 
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from capcli.errors import CapcliError
+from capcli.model import DECODER_KINDS
 
 # Dimensions and depth beyond these cannot fit a caption decoder in memory anywhere sensible; refusing
 # them is kinder than an allocation traceback or the kernel's OOM killer.
 MAX_DIM = 8192
 MAX_LAYERS = 16
 MAX_SEED = 2**31 - 1  # the seed also seeds numpy (>= 0) and per-epoch shuffles (seed * 1000 + epoch)
-DECODER_KINDS = ("pooled", "attention")
 # Options that may differ when a run is resumed: how long and where it runs, not what it learns.
 CHANGEABLE_ON_RESUME = frozenset({"epochs", "patience", "device", "workers", "engine", "feature_batch_size",
                                   "out", "resume", "given", "extra", "precision"})
@@ -149,3 +150,49 @@ def settings_for_resume(cfg, saved: dict[str, Any]):
             + ". Drop them, or start a new run with another --out"
         )
     return replace(cfg, **{name: saved[name] for name in fixed})
+
+
+@dataclass
+class TrainConfig:
+    backbone: str
+    dataset: str = "synthetic"
+    images: str | None = None
+    weights: str = "imagenet"
+    out: str | None = None
+    epochs: int = 20
+    # The defaults are the Flickr8k recipe (README, "Real photographs"; benchmarks/bench_flickr8k.py), chosen on val.
+    batch_size: int = 128
+    lr: float = 2e-3
+    lr_keep_epochs: int = 3  # constant LR for this many epochs, then x lr_decay per epoch
+    lr_decay: float = 0.9
+    clip_norm: float = 1.0
+    patience: int = 4
+    threshold: int = 5
+    max_len: int = 20
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    feature_input: bool = False  # image also as the LSTM's first input step (pooled decoder)
+    decoder: str | None = None  # "pooled" or "attention" (needs a grid); None: DEFAULT_DECODER, or the resumed run's
+    context_dim: int = 256  # attention: grid channels after the learned per-image projection
+    attention_dim: int = 256  # attention: hidden size of the additive attention
+    attention_reg: float = 1.0  # attention: lambda of the doubly stochastic regularisation
+    val_sample: int = 1000  # images captioned (greedy) per epoch for BLEU-4 / CIDEr-D (model selection)
+    select_on: str = "cider"  # best.pt and early stopping: "cider" (val CIDEr-D of greedy captions) or "loss"
+    label_smoothing: float = 0.1
+    precision: str = "auto"  # matrix products in "bf16" or "fp32"; auto: bf16 where the device computes it natively
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None
+    engine: str = "auto"  # feature extraction: auto (ONNX Runtime on CPU, PyTorch on CUDA), torch, onnx
+    feature_batch_size: int = 32
+    resume: bool = False
+    extra: dict = field(default_factory=dict)
+    # Names of the options the user set explicitly (the CLI fills it); None: those not at their default.
+    # `--resume` refuses an explicitly given option that conflicts with the run's own.
+    given: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        """CapcliError naming every bad option in one line (the one validator of training options)."""
+        validate(self)

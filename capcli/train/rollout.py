@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from capcli.attention import AttentionDecoder
-from capcli.model import lstm_step
+from capcli.model.attention import AttentionDecoder
+from capcli.model.pooled import lstm_step
 
 State = tuple[torch.Tensor, ...]  # pooled: (h, c); attention: (h, c, context, projection)
 

@@ -7,46 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capcli import checkpoint, decoders
-from capcli.attention import AttentionDecoder, AttentionStep, grid_positions
 from capcli.backbone import Preprocessing
-from capcli.model import CaptionDecoder, DecoderStep
-
-
-class TorchStep:
-    """The decode Step interface over DecoderStep: numpy in, numpy out."""
-
-    def __init__(self, decoder: CaptionDecoder, device: str = "cpu"):
-        self.step = DecoderStep(decoder).eval()
-        self.device = device
-
-    @torch.inference_mode()
-    def __call__(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]):
-        h, c = (torch.from_numpy(np.ascontiguousarray(s)).to(self.device) for s in state)
-        log_probs, h, c = self.step(torch.from_numpy(tokens).to(self.device), h, c)
-        return log_probs.float().cpu().numpy(), (h.float().cpu().numpy(), c.float().cpu().numpy())
-
-
-class TorchAttentionStep:
-    """The decode ContextStep interface over AttentionStep: context = (grid, projection), numpy in and out."""
-
-    def __init__(self, decoder: AttentionDecoder, device: str = "cpu"):
-        self.step = AttentionStep(decoder).eval()
-        self.device = device
-
-    @torch.inference_mode()
-    def __call__(self, tokens: np.ndarray, state: tuple[np.ndarray, ...], context: tuple[np.ndarray, ...]):
-        h, c, grid, projection = (torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in (*state, *context))
-        log_probs, h, c, alpha = self.step(torch.from_numpy(tokens).to(self.device), h, c, grid, projection)
-        numpy = [t.float().cpu().numpy() for t in (log_probs, h, c, alpha)]
-        return numpy[0], (numpy[1], numpy[2]), numpy[3]
-
-
-def torch_step(decoder, device: str = "cpu"):
-    """The numpy step for either decoder kind."""
-    if isinstance(decoder, AttentionDecoder):
-        return TorchAttentionStep(decoder, device)
-    return TorchStep(decoder, device)
+from capcli.model import checkpoint, decoders
+from capcli.model.attention import grid_positions
+from capcli.model.steps import torch_step
 
 
 class TorchCaptioner:
@@ -93,13 +57,13 @@ def _checkpoint_of(source: str | Path) -> Path:
     For a bundle, the checkpoint must be the very file it was exported from (source_checkpoint_sha256):
     a run trained further (or another run in the same place) would caption differently from the bundle.
     """
-    from capcli import bundle
+    from capcli.bundle import manifest
     from capcli.errors import CapcliError
 
     source = Path(source)
-    if not (source / bundle.MANIFEST).is_file():
+    if not (source / manifest.MANIFEST).is_file():
         return checkpoint.resolve(source)
-    meta = bundle.read_manifest(source, verify=False)
+    meta = manifest.read_manifest(source, verify=False)
     expected = meta.get("source_checkpoint_sha256")
     if expected is None:
         raise CapcliError(f"bundle '{source}': capcli.json has no 'source_checkpoint_sha256', so its source "
@@ -111,7 +75,7 @@ def _checkpoint_of(source: str | Path) -> Path:
     if not found:
         raise CapcliError(f"bundle '{source}' has no source checkpoint here; use --runtime onnx or give the run dir")
     for cand in found:
-        if bundle.sha256_file(cand) == expected:
+        if manifest.sha256_file(cand) == expected:
             return cand
     raise CapcliError(f"bundle '{source}': {found[0]} is not the checkpoint the bundle was exported from "
                       "(sha256 differs: trained further since?); export again, or use --runtime onnx")

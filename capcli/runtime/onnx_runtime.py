@@ -7,17 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from capcli.backbone import Grid, Preprocessing
-from capcli.bundle import (
+from capcli.bundle.manifest import bundle_file, load_vocabulary, read_manifest
+from capcli.bundle.schema import (
     GRAPH_MODEL_KEY,
     GRAPH_VOCAB_KEY,
     MANIFEST,
-    bundle_file,
     check_resize,
     context_inputs,
     decoder_kind,
     is_sha256,
-    load_vocabulary,
-    read_manifest,
     state_inputs,
 )
 from capcli.errors import CapcliError

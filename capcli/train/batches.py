@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from capcli.feature_rows import RowReader
+from capcli.train.feature_rows import RowReader
 
 
 class PooledFeatures:
@@ -92,3 +92,18 @@ def grouped_order(rows: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     image_rank = torch.empty(images, dtype=torch.long)
     image_rank[torch.randperm(images, generator=generator)] = torch.arange(images)
     return torch.argsort(image_rank[rows], stable=True)
+
+
+def batches_for_rank(
+    n: int, batch_size: int, epoch_seed: int, rank: int, world: int, groups: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """This rank's batches of caption indices; every rank gets the same number of batches.
+
+    With `groups` (each caption's image row) the captions of one image are kept adjacent, so a batch
+    holds few images with several captions each (see `capcli.train.batches.grouped_order`).
+    """
+    g = torch.Generator().manual_seed(epoch_seed)
+    perm = torch.randperm(n, generator=g) if groups is None else grouped_order(groups, g)
+    per_rank = n // world
+    mine = perm[rank * per_rank : (rank + 1) * per_rank] if world > 1 else perm
+    return list(mine.split(batch_size))
