@@ -63,6 +63,19 @@ def _check_can_create(path: Path, what: str) -> None:
         raise CapcliError(f"{what} '{path}' cannot be created: folder '{ancestor}' is not writable")
 
 
+def check_no_climb_out_of_missing(path: Path, what: str) -> None:
+    """Refuse a `..` that steps out of a folder not there yet (DIR/missing/../NAME).
+
+    The checks on an output path see what the path names now; such a path names nothing now, but once the
+    command creates `missing` it names DIR/NAME, which may be an input or a file of a bundle or a run.
+    """
+    parts = path.parts
+    for index, part in enumerate(parts[1:], start=1):
+        if part == ".." and not Path(*parts[:index]).is_dir():
+            raise CapcliError(f"{what} '{path}': '..' steps out of '{Path(*parts[:index])}', which is not an "
+                              "existing folder; name the path without it")
+
+
 def output_file(path: str | Path, what: str = "--out") -> Path:
     """A user-named path that will become a file: checked before any work, so a bad one costs nothing.
 
@@ -71,6 +84,7 @@ def output_file(path: str | Path, what: str = "--out") -> Path:
     if not str(path).strip():
         raise CapcliError(f"{what}: empty path")
     path = Path(path)
+    check_no_climb_out_of_missing(path, what)
     if path.is_dir():
         raise CapcliError(f"{what} '{path}' is a folder; name a file")
     if path.exists() or path.is_symlink():
@@ -162,6 +176,7 @@ def output_folder(path: str | Path, what: str = "--out") -> Path:
     if not str(path).strip():
         raise CapcliError(f"{what}: empty path")
     path = Path(path)
+    check_no_climb_out_of_missing(path, what)
     if path.exists():
         if not path.is_dir():
             raise CapcliError(f"{what} '{path}' is a file, not a folder")

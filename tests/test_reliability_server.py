@@ -3,8 +3,10 @@
 Decoded-image memory is reserved from each image's header before decoding, within a server-wide budget; an
 upload is refused the moment it passes the per-image limit while it streams, and the bytes being received are
 capped over all clients; a body that stalls is cut; a client that disconnects is one log line; memory freed
-after a large decode goes back to the system. Servers here are real uvicorn ones on 127.0.0.1 (in a thread)
-where the timing of bytes on the wire matters, TestClient elsewhere.
+after a large decode goes back to the system; a connection that does not send its request's headers in time is
+closed, and connections past --max-connections are answered 503 while the open ones are served. Servers here
+are real uvicorn ones on 127.0.0.1 (in a thread, or `capcli serve` itself) where the timing of bytes on the wire
+matters, TestClient elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from serve_helpers import PHOTOS, free_port
+from serve_helpers import PHOTOS, free_port, running_server
 from tiny_models import tiny_env, tiny_plugin
 from typer.testing import CliRunner
 
@@ -70,7 +72,8 @@ def live_server(app):
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           http=app.state.settings.http_protocol()))  # as `capcli serve` runs it
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -310,6 +313,113 @@ def httpx_post(port: int, path: Path) -> int:
     response = httpx.post(f"http://127.0.0.1:{port}/v1/captions", timeout=60,
                           files={"images": (path.name, path.read_bytes(), "image/jpeg")})
     return response.status_code
+
+
+# --- connections: requests whose headers never come, too many connections ---------------------------------------
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def wait_closed(socks: dict[str, tuple[socket.socket, bytes]], seconds: float,
+                since: float | None = None) -> dict[str, float]:
+    """{name: seconds from `since` (default now) until the server closed it (EOF or reset)} for each socket closed
+    within `seconds`, sending each its bytes (if any) every 0.2 s meanwhile: a client trickling its request."""
+    started, closed = time.monotonic(), {}
+    since = started if since is None else since
+    for sock, _ in socks.values():
+        sock.settimeout(0.05)
+    while len(closed) < len(socks) and time.monotonic() - started < seconds:
+        for name, (sock, trickle) in socks.items():
+            if name in closed:
+                continue
+            try:
+                if trickle:
+                    sock.sendall(trickle)
+                while sock.recv(65536):  # a response (the 413 below) is read past, not taken for a close
+                    pass
+                closed[name] = time.monotonic() - since
+            except TimeoutError:
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                closed[name] = time.monotonic() - since
+        time.sleep(0.15)
+    return closed
+
+
+def test_a_connection_that_does_not_send_its_request_in_time_is_closed(bundle):
+    """uvicorn alone closes none of these (measured: all open after 30 s; its keep-alive timer starts after a
+    first response and stops at any byte received): with --header-timeout 1 each is closed, and the server goes
+    on serving. A silent connection closes quietly, the others with one log line each."""
+    with running_server(bundle, "--header-timeout", "1") as (url, proc):
+        port, started = port_of(url), time.monotonic()
+        socks = {name: socket.create_connection(("127.0.0.1", port))
+                 for name in ("silent", "partial", "trickle", "after a response", "body after its 413")}
+        try:
+            socks["partial"].sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            socks["trickle"].sendall(b"GET / HTTP/1.1\r\nX-Slow: ")
+            keep_alive = socks["after a response"]  # a whole request answered, then the next one's headers trickle
+            keep_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer(keep_alive, timeout=10)[0] == 200
+            keep_alive.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+            big = socks["body after its 413"]  # refused unread (413), then its body trickles on
+            big.sendall(request_head(port, 10**9) + b"x")
+            closed = wait_closed({"silent": (socks["silent"], b""), "partial": (socks["partial"], b""),
+                                  "trickle": (socks["trickle"], b"a"), "after a response": (keep_alive, b"a"),
+                                  "body after its 413": (big, b"x")}, seconds=10, since=started)
+            assert set(closed) == set(socks), f"still open after 10 s: {set(socks) - set(closed)}"
+            assert all(0.9 <= t for t in closed.values()), closed  # by the timeout, not at once (from connecting)
+        finally:
+            for sock in socks.values():
+                sock.close()
+        assert httpx_post(port_of(url), PHOTOS[0]) == 200
+    log = proc.stdout.read()
+    lines = [line for line in log.splitlines() if "--header-timeout" in line]
+    assert len(lines) == 4, log  # the silent one: no line
+    assert sum("request headers not complete after 1 s" in line for line in lines) == 3, log
+    assert sum("request body still arriving after 1 s" in line for line in lines) == 1, log
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+def test_connections_past_max_connections_get_503_and_open_ones_are_served(bundle):
+    """--max-connections 4: one keep-alive client and six idle sockets, of which three fill the cap and three are
+    refused. A new connection is answered 503 (JSON, connection: close) without its request being read; the
+    keep-alive client is served as before; once the idle ones are closed by the header timeout new clients are
+    served again. One log line for all the refusals."""
+    import httpx
+
+    photo = {"images": (PHOTOS[0].name, PHOTOS[0].read_bytes(), "image/jpeg")}
+    with running_server(bundle, "--max-connections", "4", "--header-timeout", "5") as (url, proc):
+        port = port_of(url)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/healthz").status_code == 200  # 1 of 4, kept alive
+            idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]  # 4 of 4, then 3 refused
+            try:
+                refused = httpx.post(f"{url}/v1/captions", files=photo, timeout=30)
+                assert refused.status_code == 503, refused.text
+                assert refused.json() == {
+                    "error": "server busy: too many open connections (--max-connections); retry shortly"}
+                assert refused.headers["connection"] == "close"
+                with socket.create_connection(("127.0.0.1", port)) as raw:  # sends nothing, is answered anyway
+                    status, text = answer(raw, timeout=10)
+                    assert status == 503 and "too many open connections" in text
+                    assert raw.recv(10) == b""  # then closed
+                served = client.post("/v1/captions", files=photo)  # the open connection: served as before
+                assert served.status_code == 200, served.text
+                closed = wait_closed({str(i): (sock, b"") for i, sock in enumerate(idle)}, seconds=20)
+                assert len(closed) == 6, closed
+            finally:
+                for sock in idle:
+                    sock.close()
+        deadline = time.monotonic() + 20
+        while (status := httpx.get(f"{url}/healthz", timeout=30).status_code) != 200:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+    log = proc.stdout.read()
+    warnings = [line for line in log.splitlines() if "--max-connections" in line]
+    assert len(warnings) == 1 and "new connection refused with 503: 4 open" in warnings[0], log
+    assert "Traceback" not in log and "ERROR" not in log, log
 
 
 # --- memory goes back after a burst ---------------------------------------------------------------------------

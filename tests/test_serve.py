@@ -168,7 +168,7 @@ class _IdCaptioner:
 
 @pytest.fixture
 def id_batcher(monkeypatch):
-    def decode(_captioner, state, beam_size, n_best=1, sampling=None, context=(), attention=False):
+    def decode(_captioner, state, beam_size, n_best=1, sampling=None, context=(), attention=False, guards=None):
         assert len(context) == 0 and not attention  # a pooled stand-in has no per-image context
         tag = "sampled" if sampling else f"beam{beam_size}"
         return [[(f"{tag}:{int(v)}", float(v))] for v in state]
@@ -396,3 +396,15 @@ def test_a_request_that_fails_while_being_read_is_not_waited_for(reader_batcher)
         raise ValueError("not an image")
     assert first.result(timeout=10).batch_images == 1 and model.batches == [1]
     assert time.perf_counter() - started < 2.5
+
+
+def test_the_guards_are_options_as_in_the_cli(client, captioner):
+    from capcli.runtime.captioner import Guards
+
+    for options, guards in (({}, Guards()), ({"allow_unk": "true", "no_repeat_ngram": "0"}, Guards(False, 0)),
+                            ({"no_repeat_ngram": "1"}, Guards(True, 1))):
+        response = post_photo(client.post, PHOTOS[2], beam_size=3, **options)
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["caption"] == expected(captioner, PHOTOS[2], guards=guards).caption
+    refused = post_photo(client.post, PHOTOS[2], no_repeat_ngram=-1)
+    assert refused.status_code == 422 and "no_repeat_ngram" in refused.json()["error"]

@@ -48,6 +48,9 @@ def synth(
 
 def _check_synth_target(out_dir: Path, is_synthetic_set) -> None:
     """Refuse to replace anything but an empty folder or an earlier synthetic set."""
+    from capcli.paths import output_folder
+
+    output_folder(out_dir, "OUT")
     if out_dir.exists() and not out_dir.is_dir():
         raise CapcliError(f"{out_dir}: exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_synthetic_set(out_dir):

@@ -48,6 +48,14 @@ def serve(
     ] = 512.0,
     read_timeout: Annotated[float, typer.Option(
         min=0.1, max=3600, help="Seconds a request body may send nothing before it is cut (408).")] = 30.0,
+    header_timeout: Annotated[float, typer.Option(
+        min=0.1, max=3600, help="Seconds a connection may take to send a request's headers, counted from when "
+        "it opens or its previous response was sent; past it the connection is closed (slow or silent clients).")
+    ] = 10.0,
+    max_connections: Annotated[int, typer.Option(
+        min=1, max=1_000_000, help="Open connections at once, idle keep-alive ones included. One opened beyond "
+        "it is answered 503 at once, its request unread, and closed; those already open are served as before.")
+    ] = 512,
 ) -> None:
     """Serve a bundle over HTTP: POST /v1/captions, GET /v1/model, /healthz, a web page at / and docs at /docs."""
     import uvicorn
@@ -60,8 +68,9 @@ def serve(
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_files=max_files,
                              max_image_bytes=int(max_image_mb * 1e6), max_queued=max_queued,
                              max_decode_bytes=int(max_decode_mb * 1e6), max_inflight_bytes=int(max_inflight_mb * 1e6),
-                             read_timeout_s=read_timeout)
+                             read_timeout_s=read_timeout, header_timeout_s=header_timeout,
+                             max_connections=max_connections)
     app = create_app(bundle, provider=provider, settings=settings)
     _check_port_free(host, port)
     out.print(f"serving {bundle} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops", markup=False)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", http=settings.http_protocol())

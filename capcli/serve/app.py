@@ -29,13 +29,14 @@ from starlette.requests import ClientDisconnect
 from capcli import __version__
 from capcli.bundle.manifest import read_manifest
 from capcli.errors import CapcliError
-from capcli.runtime.captioner import open_captioner
+from capcli.runtime.captioner import DEFAULT_GUARDS, open_captioner
 from capcli.serve.batcher import DecodeOptions, MicroBatcher, ServerBusy
-from capcli.serve.limits import MB, BodyAccount, DecodeBudget, Refused, UploadBudget, tune_malloc
+from capcli.serve.limits import MB, BodyAccount, DecodeBudget, GuardedH11Protocol, Refused, UploadBudget, tune_malloc
 from capcli.serve.uploads import IMAGES_FIELD, UploadError, image_input, read_form
 
 STATIC = files("capcli.serve") / "static"
 MAX_BEAM = 16
+MAX_NGRAM = 20  # longer than any caption the block could apply to
 TOO_LARGE = "request body too large (see the limits in GET /v1/model)"
 # uvicorn's own log (shown at info level by `capcli serve`): a client event is a line there like its others.
 log = logging.getLogger("uvicorn.error")
@@ -59,6 +60,8 @@ class ServeSettings:
     max_read_s: float = 600.0  # and one still arriving after this long (a trickle that never stalls)
     decode_wait_s: float = 30.0  # how long an image waits for decode memory before 503
     decode_threads: int = max(1, min(4, os.cpu_count() or 1))  # concurrent decodes, and so malloc arenas
+    header_timeout_s: float = 10.0  # a connection that has not sent a request's headers this long is closed
+    max_connections: int = 512  # open connections, idle ones included; one more is answered 503 and closed
 
     @property
     def max_body_bytes(self) -> int:
@@ -70,9 +73,16 @@ class ServeSettings:
         if self.max_inflight_bytes < self.max_body_bytes:
             raise CapcliError(f"--max-inflight-mb ({self.max_inflight_bytes / MB:g}) must hold one whole request: "
                               f"--max-files x --max-image-mb + 1 MB = {self.max_body_bytes / MB:g} MB")
-        for name in ("read_timeout_s", "max_read_s", "decode_wait_s"):
+        for name in ("read_timeout_s", "max_read_s", "decode_wait_s", "header_timeout_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise CapcliError(f"{name} must be a positive number of seconds")
+        if self.max_connections < 1:
+            raise CapcliError("max_connections must be at least 1")
+
+    def http_protocol(self) -> type[GuardedH11Protocol]:
+        """uvicorn's HTTP protocol (`uvicorn.Config(http=...)`) with this server's header timeout and connection
+        cap: h11 always, never httptools, which would bypass both."""
+        return GuardedH11Protocol.configured(self.header_timeout_s, self.max_connections)
 
 
 class CaptionOptions(BaseModel):
@@ -87,6 +97,9 @@ class CaptionOptions(BaseModel):
                                description="Softmax temperature when sampling.")
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest words (0 = all).")
     seed: int = Field(0, ge=0, lt=2**63, description="Random seed when sampling.")
+    allow_unk: bool = Field(False, description="Let <unk> be generated (never, by default).")
+    no_repeat_ngram: int = Field(DEFAULT_GUARDS.no_repeat_ngram, ge=0, le=MAX_NGRAM,
+                                 description="No n-gram of this length twice in a caption (0 = off).")
 
     @model_validator(mode="after")
     def _n_best_within_beam(self) -> CaptionOptions:
@@ -250,6 +263,7 @@ def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettin
     app = FastAPI(title="capcli", version=__version__, lifespan=lifespan,
                   description=f"Image captions from the bundle `{bundle.name}` ({manifest['backbone']}).")
     app.state.decode_budget, app.state.upload_budget = decode_budget, upload_budget  # for tests and benchmarks
+    app.state.settings = settings  # its http_protocol() is what uvicorn must run it with
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, uploads=upload_budget,
                        idle_s=settings.read_timeout_s, total_s=settings.max_read_s)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from capcli.errors import CapcliError
-from capcli.runtime.captioner import Sampling, decode_states, start_batch
+from capcli.runtime.captioner import DEFAULT_GUARDS, Guards, Sampling, decode_states, start_batch
 
 
 class ServerBusy(CapcliError):
@@ -31,7 +31,7 @@ class ServerBusy(CapcliError):
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How to decode: beam search (beam_size 1 = greedy) or sampling."""
+    """How to decode: beam search (beam_size 1 = greedy) or sampling, and the guards (as `capcli caption`)."""
 
     beam_size: int = 3
     n_best: int = 1
@@ -39,9 +39,14 @@ class DecodeOptions:
     temperature: float = 1.0
     top_k: int = 0
     seed: int = 0
+    allow_unk: bool = False
+    no_repeat_ngram: int = DEFAULT_GUARDS.no_repeat_ngram
 
     def sampling(self) -> Sampling | None:
         return Sampling(self.temperature, self.top_k, self.seed) if self.sample else None
+
+    def guards(self) -> Guards:
+        return Guards(suppress_unk=not self.allow_unk, no_repeat_ngram=self.no_repeat_ngram)
 
 
 @dataclass
@@ -179,7 +184,7 @@ class MicroBatcher:
                 t1 = time.perf_counter()
                 hypotheses += decode_states(self.captioner, state, options.beam_size, options.n_best,
                                             sampling=options.sampling(), context=context,
-                                            attention=self.with_attention)
+                                            attention=self.with_attention, guards=options.guards())
                 encode_s, decode_s = encode_s + t1 - t0, decode_s + time.perf_counter() - t1
         except Exception as exc:  # the server must outlive any failure of one batch
             for job in jobs:
