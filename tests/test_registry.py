@@ -99,6 +99,14 @@ def test_capcli_plugins_restricts_what_is_loaded(fake_dist, monkeypatch):
         get_backbone("resnet152")
 
 
+def test_capcli_plugins_naming_nothing_installed_says_so(fake_dist, monkeypatch):
+    monkeypatch.setenv("CAPCLI_PLUGINS", "fake,bogus")
+    result = CliRunner().invoke(app, ["backbones"])
+    assert result.exit_code == 0, result.output
+    assert "CAPCLI_PLUGINS names 'bogus', which no installed backbone plugin provides" in result.stderr
+    assert "'fake'" not in result.stderr
+
+
 def test_backbones_json_lists_fake_and_broken(fake_dist):
     result = CliRunner().invoke(app, ["backbones", "--json"])
     assert result.exit_code == 0, result.output
