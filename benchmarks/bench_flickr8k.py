@@ -9,7 +9,8 @@ tokenizer; METEOR needs java). Rows:
 - noreg: the recipe without the doubly stochastic attention regulariser (--attention-reg 0);
 - scst: the recipe's run fine-tuned with self-critical training (`capcli scst`), in a copy of its folder;
 - scst-mean: the same with the mean reward of the image's other samples as the baseline (not its greedy caption);
-- scst-mean-long: scst-mean at twice the learning rate (1e-4) for 8 epochs.
+- scst-mean-long: scst-mean at twice the learning rate (1e-4) for 8 epochs;
+- scst-mean-k10: the same with 10 captions sampled per image, for 5 epochs.
 Runs live in --work and are resumed when the benchmark is run again; a finished row is only scored.
 
     python benchmarks/bench_flickr8k.py                          # every row, ../shared/data/flickr8k
@@ -67,7 +68,8 @@ def train_row(name: str, overrides: dict, args) -> tuple[Path, float]:
 
 # SCST rows: the baseline each subtracts from a sample's reward, and what else differs from `capcli scst`'s defaults.
 SCST_ROWS = {"scst": {"baseline": "greedy"}, "scst-mean": {"baseline": "mean"},
-             "scst-mean-long": {"baseline": "mean", "lr": 1e-4, "epochs": 8}}
+             "scst-mean-long": {"baseline": "mean", "lr": 1e-4, "epochs": 8},
+             "scst-mean-k10": {"baseline": "mean", "lr": 1e-4, "epochs": 5, "samples": 10}}
 
 
 def scst_row(name: str, recipe_run: Path, args) -> tuple[Path, float]:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import AllowUnk, NoRepeatNgram
+from capcli.cli.options import AllowUnk, NoRepeatNgram, Provider
 from capcli.console import err, error, json_line, out, plain, shown
 
 
@@ -43,7 +43,7 @@ def caption(
         int, typer.Option(min=1, help="Alternatives to show per image (beam search only; at most --beam-size).")
     ] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Images decoded together (encoded 16 at a time).")] = 8,
-    provider: Annotated[str, typer.Option(help="ONNX Runtime provider: auto, cpu or cuda.")] = "auto",
+    provider: Provider = "auto",
     device: Annotated[str, typer.Option(help="PyTorch device for --runtime torch.")] = "cpu",
     as_json: Annotated[
         bool, typer.Option("--json", help="JSON lines on stdout, one per image (failed ones with an 'error').")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import AllowUnk, ImagesDir, NoRepeatNgram
+from capcli.cli.options import AllowUnk, ImagesDir, NoRepeatNgram, Provider
 from capcli.console import json_line
 from capcli.tables import print_scores
 
@@ -15,11 +15,11 @@ def evaluate_cmd(
     model: Annotated[str, typer.Argument(help="Bundle folder (onnx) or run directory (torch).")],
     dataset: Annotated[str | None, typer.Option(help="Dataset (default: the one the model was trained on).")] = None,
     images: ImagesDir = None,
-    split: str = "test",
-    beam_size: Annotated[int, typer.Option(min=1)] = 3,
+    split: Annotated[str, typer.Option(help="Split to caption and score: train, val or test.")] = "test",
+    beam_size: Annotated[int, typer.Option(min=1, help="1 = greedy.")] = 3,
     runtime: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
-    provider: str = "auto",
-    device: str = "cpu",
+    provider: Provider = "auto",
+    device: Annotated[str, typer.Option(help="PyTorch device for --runtime torch.")] = "cpu",
     limit: Annotated[int | None, typer.Option(min=1, help="Caption only the first N images (N >= 1).")] = None,
     allow_missing: Annotated[
         bool,

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Provider = Annotated[str, typer.Option(help="ONNX Runtime provider: auto, cpu or cuda.")]
 BackboneName = Annotated[str, typer.Option("--backbone", help="Backbone plugin name (see capcli backbones).")]
 DatasetSpec = Annotated[str, typer.Option("--dataset", help="synthetic, flickr8k, flickr30k or a path.")]
 ImagesDir = Annotated[str | None, typer.Option("--images", help="Image folder, when apart from the annotations.")]

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from capcli.cli.options import Provider
 from capcli.console import out
 from capcli.errors import CapcliError
 
@@ -32,7 +33,7 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    provider: Annotated[str, typer.Option(help="ONNX Runtime provider: auto, cpu or cuda.")] = "auto",
+    provider: Provider = "auto",
     max_batch: Annotated[int, typer.Option(min=1, help="Most images in one encoder/decoder run.")] = 16,
     max_wait_ms: Annotated[
         float, typer.Option(min=0, help="How long a request waits for others, still being read, to batch with.")
