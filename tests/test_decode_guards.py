@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +108,13 @@ def test_caption_without_model_uses_the_shipped_bundle(tiny_bundle, test_images,
     result = CliRunner().invoke(app, ["caption", str(test_images[0]), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[0])["caption"]
+
+
+def test_from_any_folder_the_checkouts_shipped_bundle_is_found(tmp_path, monkeypatch):
+    from capcli.runtime.captioner import default_model
+
+    monkeypatch.chdir(tmp_path)  # no exported/ here: the checkout's own bundle, wherever the command runs
+    assert default_model().resolve() == (Path(__file__).resolve().parents[1] / "exported" / "flickr8k").resolve()
 
 
 def test_a_missing_shipped_bundle_is_one_clear_line(test_images, tmp_path, monkeypatch):

@@ -228,7 +228,7 @@ def default_model() -> Path:
     from capcli.errors import CapcliError
 
     here = Path("exported") / SHIPPED_MODEL
-    checkout = Path(__file__).resolve().parents[1] / "exported" / SHIPPED_MODEL
+    checkout = Path(__file__).resolve().parents[2] / "exported" / SHIPPED_MODEL
     for folder in (here, checkout):
         if (folder / "capcli.json").is_file():
             return folder
