@@ -233,7 +233,7 @@ def speed(args) -> None:
                 tokens += n
             rates[name].append(tokens / (time.perf_counter() - start))
     fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    flop = training_flop_per_token(setups["recipe"][1].cfg)
+    flop = training_flop_per_token(setups["recipe"][1].cfg, backbone.require_grid().positions)
     print(f"Flickr8k train captions, vocabulary {len(vocab)}, {torch.get_num_threads()} torch threads, "
           f"{args.rounds} rounds of {args.steps} steps, median tokens/s")
     print(f"matmul peak (2048^3, same run): fp32 {fp32:,.0f} GFLOP/s, bf16 {bf16:,.0f} GFLOP/s; "
@@ -258,10 +258,10 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 8) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def training_flop_per_token(cfg) -> float:
-    """Matrix-product FLOPs per predicted word of the attention decoder, forward and backward (3x forward)."""
+def training_flop_per_token(cfg, positions: int) -> float:
+    """Matrix-product FLOPs per predicted word of the attention decoder over a grid of `positions`, forward and
+    backward (3x forward)."""
     e, h, a, c, v = cfg.embed_dim, cfg.hidden_dim, cfg.attention_dim, cfg.context_dim, cfg.vocab_size
-    positions = 49
     forward = 2 * ((e + c + h) * 4 * h + h * a + h * c + positions * a + positions * c + h * v)
     return 3 * forward
 

