@@ -133,8 +133,9 @@ def _walk(
     looked: list[list[np.ndarray]] = [[] for _ in range(n)]
     log_prob = np.zeros(n)
     finished = np.zeros(n, dtype=bool)
+    live_rows = _LiveRows(1, context)
     for length in range(1, max_len + 1):
-        log_probs, state, alpha = run_step(step, tokens, state, context)
+        log_probs, state, alpha = live_rows.step(step, tokens, state, finished)
         log_probs = _words_only(log_probs, end_id, never, length, seqs, no_repeat_ngram)
         tokens = np.asarray(choose(log_probs), dtype=np.int64)
         live = ~finished
@@ -315,7 +316,8 @@ def beam_search(
 
 
 class _LiveRows:
-    """Runs the step on the beams of images still searching only: an image that has settled costs nothing more.
+    """Runs the step on the rows (the beams) of images still searching only: an image that has ended or
+    settled costs nothing more.
 
     Rows of settled images get zeros for log-probs, state and attention: their beams' log-probs are -inf
     from then on, so nothing is drawn from them and their state is never read again. Context rows are cut only when the set

@@ -520,3 +520,13 @@ def test_an_image_that_has_settled_is_not_stepped_again() -> None:
     together = beam_search(counting, step.state(2), START, end, beam_size=3, max_len=10, context=step.context(0, 1))
     assert [h[0].tokens for h in together] == [[2], [3, 4, 5, 1, 2]]
     assert rows_seen[0] == 6 and rows_seen[-1] == 3, rows_seen
+
+
+def test_greedy_steps_only_the_captions_still_running() -> None:
+    end = 0
+    step = ContextOracle(_target_dist({0: [2], 1: [3, 4, 5, 1, 2]}, vocab=6, end=end))
+    rows_seen = []
+    counting = lambda tokens, state, context: rows_seen.append(len(tokens)) or step(tokens, state, context)  # noqa: E731
+    found = greedy(counting, step.state(2), START, end, max_len=10, context=step.context(0, 1))
+    assert [h.tokens for h in found] == [[2], [3, 4, 5, 1, 2]]
+    assert rows_seen[:2] == [2, 2] and rows_seen[2:] == [1] * (len(rows_seen) - 2), rows_seen
