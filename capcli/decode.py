@@ -320,8 +320,9 @@ class _LiveRows:
     settled costs nothing more.
 
     Rows of settled images get zeros for log-probs, state and attention: their beams' log-probs are -inf
-    from then on, so nothing is drawn from them and their state is never read again. Context rows are cut only when the set
-    of searching images changes (a cut copies the grid).
+    from then on (an ended greedy caption is no longer extended), so nothing is drawn from them and their
+    state is never read again. Context rows are cut only when the set of searching images changes (a cut
+    copies the grid).
     """
 
     def __init__(self, beam_size: int, context: Context):
