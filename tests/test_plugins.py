@@ -336,3 +336,13 @@ def test_check_backbone_catches_batch_mixing():
 
     with pytest.raises(AssertionError, match="sample 0 alone differs"):
         check_backbone(_tiny(lambda w: MixesBatch(), feature_dim=3))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_weights_package_missing_is_one_clear_error(monkeypatch, name):
+    import sys
+
+    variant = _lite0().VARIANTS[name]
+    monkeypatch.setitem(sys.modules, variant.weights_module, None)  # import raises ImportError
+    with pytest.raises(CapcliError, match=rf"come from the package {variant.weights_package}, which is not installed"):
+        get_backbone(name).build("imagenet")
