@@ -316,13 +316,10 @@ def beam_search(
 
 
 class _LiveRows:
-    """Runs the step on the rows (the beams) of images still searching only: an image that has ended or
-    settled costs nothing more.
+    """Steps only the rows (beams) of images still searching: one that has ended or settled costs nothing more.
 
-    Rows of settled images get zeros for log-probs, state and attention: their beams' log-probs are -inf
-    from then on (an ended greedy caption is no longer extended), so nothing is drawn from them and their
-    state is never read again. Context rows are cut only when the set of searching images changes (a cut
-    copies the grid).
+    Its rows get zeros for log-probs, state and attention, never read again (its beams are -inf from then on,
+    an ended greedy caption is not extended). Context is cut only when the searching set changes (a copy).
     """
 
     def __init__(self, beam_size: int, context: Context):
