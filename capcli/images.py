@@ -242,3 +242,48 @@ def expand_image_args(args: list[str]) -> tuple[list[Path], list[str]]:
         else:
             found.append(path)  # missing files are reported when loaded, in order
     return found, problems
+
+
+class InMemoryImage:
+    """A Pillow image or a numpy array given instead of a file, with the name its result and errors go by."""
+
+    __slots__ = ("image", "name")
+
+    def __init__(self, name: str, image: Image.Image | np.ndarray) -> None:
+        self.name, self.image = name, image
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def source_input(source: str | Path | InMemoryImage, prep: Preprocessing) -> np.ndarray:
+    """An image file or an in-memory image as backbone input, float32 [3, S, S]: a Pillow image is turned upright
+    and made RGB as a file's pixels are; every way it can be unusable is an ImageError naming it."""
+    if not isinstance(source, InMemoryImage):
+        return load_input(source, prep)
+    with _reading(source.name):
+        img = source.image if isinstance(source.image, Image.Image) else array_image(source.image)
+        check_size(img.width, img.height)
+        img.load()
+        return to_input(_to_rgb(_upright(img)), prep)
+
+
+def array_image(array: np.ndarray) -> Image.Image:
+    """A numpy image, channels last ([H, W] grey, [H, W, 3] RGB or [H, W, 4] RGBA), uint8 from 0 to 255 or float
+    from 0.0 to 1.0, as a Pillow image; an ImageError for any other shape, type or value."""
+    if not isinstance(array, np.ndarray):
+        raise ImageError(f"not an image: a {type(array).__name__}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ImageError(f"an array image is [H, W], [H, W, 3] or [H, W, 4], channels last; not {list(array.shape)}")
+    check_size(array.shape[1], array.shape[0])
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ImageError("a float array image holds values from 0.0 to 1.0 (use uint8 for 0 to 255)")
+        array = (array * 255 + 0.5).astype(np.uint8)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        raise ImageError(f"an array image is uint8 (0 to 255) or float (0.0 to 1.0), not {array.dtype}")
+    return Image.fromarray(np.ascontiguousarray(array))

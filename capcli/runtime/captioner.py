@@ -8,26 +8,55 @@ PyTorch captioners do. No torch import here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from capcli.decode import Hypothesis, beam_search, greedy, sample
-from capcli.images import ImageError, load_input
+from capcli.images import ImageError, InMemoryImage, source_input
+
+
+class Alternative(NamedTuple):
+    """One caption the search found for an image, with its score."""
+
+    caption: str
+    score: float
+
+
+class WordAttention(NamedTuple):
+    """A caption word and the attention weights over the grid's H*W cells it was predicted with (they sum to 1)."""
+
+    word: str
+    weights: np.ndarray
 
 
 @dataclass
 class CaptionResult:
+    """One image's caption, as `capcli caption --json`, the server and `capcli.load(...).caption` give it.
+
+    Attributes:
+        image: The image's path as given, or `<image N>` for the N-th in-memory image (from 0).
+        caption: The best caption; None when the image could not be read (see `error`).
+        score: The caption's log-probability per word (0 is certain; higher is likelier).
+        alternatives: With several captions asked for (`n_best` > 1): each (caption, score), best first, the
+            best included; empty otherwise.
+        error: Why the image could not be captioned (unreadable, too large...), or None.
+        attention: For a model with the attention decoder (when asked for): each word of the caption with the
+            weights over the grid it was predicted with; None otherwise.
+        grid: The attention grid's (height, width), with `attention`.
+    """
+
     image: str
     caption: str | None = None
     score: float | None = None  # length-normalised log-probability
-    alternatives: list[tuple[str, float]] = field(default_factory=list)
+    alternatives: list[Alternative] = field(default_factory=list)
     error: str | None = None
     # With attention maps asked for: each caption word with the weights over the grid [H*W] it was
     # predicted with, and the grid's (height, width).
-    attention: list[tuple[str, np.ndarray]] | None = None
+    attention: list[WordAttention] | None = None
     grid: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
@@ -110,10 +139,11 @@ def start_batch(captioner, images: np.ndarray):
     return captioner.encode(images), ()
 
 
-def word_attention(vocab, hyp: Hypothesis) -> list[tuple[str, np.ndarray]]:
+def word_attention(vocab, hyp: Hypothesis) -> list[WordAttention]:
     """Each generated word with the attention weights it was predicted with."""
     assert hyp.attention is not None
-    return [(vocab.decode([t]) or vocab.itos[t], alpha) for t, alpha in zip(hyp.tokens, hyp.attention, strict=True)]
+    return [WordAttention(vocab.decode([t]) or vocab.itos[t], alpha)
+            for t, alpha in zip(hyp.tokens, hyp.attention, strict=True)]
 
 
 # Images per encoder run, whatever --batch-size is: the encoder's activations grow with the batch (a
@@ -163,7 +193,7 @@ def _encode_chunks(captioner, paths: list, results: list[CaptionResult]):
         arrays = []
         for row, path in chunk:
             try:
-                arrays.append(load_input(path, captioner.preprocessing))
+                arrays.append(source_input(path, captioner.preprocessing))
                 rows.append(row)
             except ImageError as exc:
                 results[row].error = str(exc)
@@ -179,7 +209,7 @@ def _encode_chunks(captioner, paths: list, results: list[CaptionResult]):
 
 def caption_images(
     captioner,
-    paths: list[Path] | list[str],
+    paths: Sequence[Path | str | InMemoryImage],
     beam_size: int = 3,
     batch_size: int = 8,
     n_best: int = 1,
@@ -207,7 +237,7 @@ def caption_images(
             decoded = decode_hypotheses(captioner, state, beam_size, n_best, sampling=sampling, context=context,
                                         guards=guards)
             for row, hyps in zip(rows, decoded, strict=True):
-                options = [(captioner.vocab.decode(h.tokens), float(h.score)) for h in hyps]
+                options = [Alternative(captioner.vocab.decode(h.tokens), float(h.score)) for h in hyps]
                 ready[row].caption, ready[row].score = options[0]
                 ready[row].alternatives = options if n_best > 1 else []
                 if attention:
