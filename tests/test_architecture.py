@@ -1,5 +1,5 @@
 """The pipeline's shape, checked from the source: imports flow one way (data -> features -> model -> train ->
-runtime -> export -> quantize -> caption/evaluate/serve -> cli), with no import circles and no module reaching
+runtime -> export -> quantize -> caption/evaluate/serve/api -> cli), with no import circles and no module reaching
 into another's private names; no file in capcli/ grows past what one reader holds in mind.
 
 `python tests/test_architecture.py` prints the import graph, floor by floor (docs/architecture.md).
@@ -24,7 +24,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("bundle", "bundle.schema", "bundle.onnx_files", "bundle.manifest", "runtime")),
     ("export", ("bundle.export",)),
     ("quantize", ("bundle.bias_correction", "bundle.judge", "bundle.float16", "bundle.quantize", "bundle.build")),
-    ("caption/evaluate/serve", ("heatmaps", "report", "evaluate", "serve")),
+    ("caption/evaluate/serve", ("heatmaps", "report", "evaluate", "serve", "api")),
     ("cli", ("demo", "environment", "cli", "__main__")),
 ]
 MAX_LINES = 400
@@ -41,7 +41,17 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imports(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
+def public_face(tree: ast.Module) -> list[ast.stmt]:
+    """The package's lazy public face in capcli/__init__.py: its `if TYPE_CHECKING:` imports and `__getattr__`,
+    which import the Python API (capcli.api) only when one of its names is first used. They are not imports of
+    the base stage (`import capcli` loads nothing), so the stage checks leave them out, and
+    test_the_package_lazily_imports_only_the_python_api checks that they name capcli.api only."""
+    return [node for node in tree.body
+            if (isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+            or (isinstance(node, ast.FunctionDef) and node.name == "__getattr__")]
+
+
+def imports(mods: dict[str, Path], skip_public_face: bool = True) -> tuple[dict[str, set[str]], list[str]]:
     """Module -> the capcli modules it imports (at module level or inside functions), and every import of a
     private (_name) from another module."""
     edges: dict[str, set[str]] = {}
@@ -55,7 +65,10 @@ def imports(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
     for mod, path in mods.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
         found = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if mod == "capcli" and skip_public_face:
+            tree.body = [node for node in tree.body if node not in public_face(tree)]
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 found |= {owner(a.name) for a in node.names if a.name.split(".")[0] == "capcli"}
             elif isinstance(node, ast.ImportFrom):
@@ -150,6 +163,14 @@ def test_no_file_past_what_one_reader_holds():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert set(long) <= LONG_BY_NATURE, long
+
+
+def test_the_package_lazily_imports_only_the_python_api():
+    mods = modules()
+    edges, _ = imports(mods, skip_public_face=False)
+    lazy_edges, _ = imports(mods)
+    assert edges["capcli"] - lazy_edges["capcli"] == {"capcli.api"}
+    assert lazy_edges["capcli"] == set(), "capcli/__init__.py imports nothing of capcli when imported"
 
 
 def test_the_checker_finds_a_circle_and_an_upward_import():

@@ -32,6 +32,9 @@ class WordAttention(NamedTuple):
     word: str
     weights: np.ndarray
 
+    def __repr__(self) -> str:
+        return f"WordAttention(word={self.word!r}, weights=<{self.weights.size} weights, max {self.weights.max():.3f}>)"
+
 
 @dataclass
 class CaptionResult:
