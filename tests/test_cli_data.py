@@ -49,7 +49,9 @@ def test_synth_writes_a_set_and_may_replace_it(cli, tmp_path: Path):
     assert "images/s" in result.stderr
     assert len(list((out / "Images").glob("*.jpg"))) == 12
     assert (out / "objects.json").is_file()
-    again = run(cli, "synth", str(out), "--images", "6")
+    _one_line_error(run(cli, "synth", str(out), "--images", "6"), "--force")  # another set: only with --force
+    assert len(list((out / "Images").glob("*.jpg"))) == 12
+    again = run(cli, "synth", str(out), "--images", "6", "--force")
     assert again.exit_code == 0, again.output
     assert len(list((out / "Images").glob("*.jpg"))) == 6
 

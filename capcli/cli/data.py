@@ -23,17 +23,39 @@ def _say(text: str) -> None:
     out.print(text, markup=False)
 
 
+# Bounds of `data synth`: a million images is 10-20 GB of JPEGs and hours of drawing; 1024 pixels is far above any
+# backbone's input (224-299) and keeps each image's drawing buffers in the tens of MB.
+MAX_SYNTH_IMAGES = 1_000_000
+MAX_SYNTH_SIZE = 1024
+
+
 @app.command()
 def synth(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the dataset into.")],
-    images: Annotated[int, typer.Option("--images", min=1, help="Number of images.")] = 1500,
+    images: Annotated[
+        int, typer.Option("--images", min=1, max=MAX_SYNTH_IMAGES, help="Number of images.")
+    ] = 1500,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same files.")] = 0,
-    size: Annotated[int, typer.Option("--size", min=32, help="Image width and height in pixels.")] = 224,
+    size: Annotated[
+        int, typer.Option("--size", min=32, max=MAX_SYNTH_SIZE, help="Image width and height in pixels.")
+    ] = 224,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace an earlier synthetic set in OUT (only a set this command wrote, with "
+                                     "nothing else in its folder)."),
+    ] = False,
 ) -> None:
-    """Generate the synthetic coloured-shapes dataset (Kaggle layout + objects.json)."""
-    from capcli.data.synthetic import CAPTIONS_PER_IMAGE, build, is_synthetic_set
+    """Generate the synthetic coloured-shapes dataset (Kaggle layout + objects.json).
 
-    _check_synth_target(out_dir, is_synthetic_set)
+    An existing set in OUT is kept: the same set again is a no-op, another one needs --force.
+    """
+    from capcli.data.synthetic import CAPTIONS_PER_IMAGE, build
+
+    if _same_set_there(out_dir, images, seed, size, force):
+        err.print(f"{out_dir} already holds this set ({images} images, seed {seed}, size {size}); nothing written",
+                  markup=False)
+        _say(str(out_dir))
+        return
     started = time.perf_counter()
     with progress() as bar:
         task = bar.add_task("generating", total=images, info="")
@@ -46,15 +68,33 @@ def synth(
     _say(str(out_dir))
 
 
-def _check_synth_target(out_dir: Path, is_synthetic_set) -> None:
-    """Refuse to replace anything but an empty folder or an earlier synthetic set."""
+def _same_set_there(out_dir: Path, images: int, seed: int, size: int, force: bool) -> bool:
+    """Whether OUT already holds exactly this set; CapcliError unless OUT is new, empty, or (with --force) an
+    earlier synthetic set with nothing else in its folder. A dataset that runs were trained on is never replaced
+    by accident: their vocabulary, splits and scores are that set's."""
+    from capcli.data.synthetic import foreign_files, synthetic_set
     from capcli.paths import output_folder
 
     output_folder(out_dir, "OUT")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CapcliError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_synthetic_set(out_dir):
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return False
+    meta = synthetic_set(out_dir)
+    if meta is None:
         raise CapcliError(f"{out_dir}: not empty and not a synthetic dataset; choose a new or empty folder")
+    foreign = foreign_files(out_dir, meta)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CapcliError(f"{out_dir} holds {shown}, not part of the synthetic set: it is never replaced, not even "
+                          "with --force; choose another folder")
+    images_there = len(list((out_dir / "Images").iterdir())) if (out_dir / "Images").is_dir() else 0
+    complete = (out_dir / "captions.txt").is_file() and images_there == meta.get("n_images")
+    if complete and (meta.get("n_images"), meta.get("seed"), meta.get("size")) == (images, seed, size):
+        return True
+    if not force:
+        raise CapcliError(f"{out_dir} already holds a synthetic set of {meta.get('n_images')} images (seed "
+                          f"{meta.get('seed')}, size {meta.get('size')}); use --force to replace it (runs trained "
+                          "on it can then no longer be continued or scored on it), or choose another folder")
+    return False
 
 
 @app.command()

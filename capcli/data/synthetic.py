@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from capcli.data.text import tokenize
 from capcli.errors import CapcliError
-from capcli.paths import atomic_write_json, atomic_write_text, cache_root, make_temp_folder
+from capcli.paths import atomic_write_json, atomic_write_text, cache_root, make_temp_folder, staging_folder
 
 SYNTHETIC_FORMAT = "capcli-synthetic/3"  # bump when scenes, pixels or captions change
 
@@ -410,11 +410,29 @@ def _captions_csv(rows: list[tuple[str, str]]) -> str:
 
 def is_synthetic_set(path: Path) -> bool:
     """Whether `path` holds a complete set written by `generate`."""
+    return synthetic_set(path) is not None
+
+
+def synthetic_set(path: Path) -> dict | None:
+    """objects.json of the complete set written by `generate` at `path`, or None."""
     try:
         meta = json.loads((Path(path) / "objects.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == SYNTHETIC_FORMAT
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == SYNTHETIC_FORMAT else None
+
+
+SET_FILES = ("Images", "captions.txt", "objects.json")
+
+
+def foreign_files(path: Path, meta: dict) -> list[str]:
+    """What is in the set's folder that `generate` did not write there (a user's notes, a run, more images)."""
+    path = Path(path)
+    found = [p.name for p in path.iterdir() if p.name not in SET_FILES]
+    images = meta.get("images") if isinstance(meta.get("images"), dict) else {}
+    if (path / "Images").is_dir():
+        found += [f"Images/{p.name}" for p in (path / "Images").iterdir() if p.name not in images]
+    return sorted(found)
 
 
 def build(
@@ -431,8 +449,8 @@ def build(
     complete set at `out` (say, written meanwhile by another process) is kept.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_folder(out.parent, prefix=f".{out.name}.")  # becomes the user's folder: umask perms
+    # Beside `out` (the rename stays atomic), named .NAME.PID.*.tmp: those of killed runs are removed here.
+    tmp = staging_folder(out.parent, out.name)  # becomes the user's folder: umask perms
     try:
         generate(tmp, n_images, seed, size, progress)
         _move_into_place(tmp, out, replace)
