@@ -7,7 +7,9 @@ else a seeded split by image.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 import re
@@ -188,7 +190,23 @@ def _detect_format(path: Path) -> str:
     raise CapcliError(f"{path}: unknown annotation format ({FORMAT_HELP})")
 
 
+def _is_utf16(path: Path) -> bool:
+    """A UTF-16 BOM, or the zero byte beside the first character that ASCII text in UTF-16 has."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or head.count(b"\0") == 1
+
+
+def _not_utf8(path: Path) -> CapcliError:
+    return CapcliError(f"{path}: not UTF-8 text" + (" (it is UTF-16: save it as UTF-8)" if _is_utf16(path) else ""))
+
+
 def _first_line(path: Path) -> str:
+    if _is_utf16(path):  # read with errors="replace" below, it would look like no known format
+        raise _not_utf8(path)
     try:
         with open(path, encoding="utf-8-sig", errors="replace") as f:
             for line in f:
@@ -230,7 +248,7 @@ def _read_lines(path: Path, read: Callable[[Any, _Parsed], None]) -> _Parsed:
         with _open_text(path) as f:
             read(f, parsed)
     except UnicodeDecodeError:
-        raise CapcliError(f"{path}: not UTF-8 text") from None
+        raise _not_utf8(path) from None
     except csv.Error as exc:
         raise CapcliError(f"{path}: malformed CSV ({exc})") from None
     return parsed
@@ -238,7 +256,7 @@ def _read_lines(path: Path, read: Callable[[Any, _Parsed], None]) -> _Parsed:
 
 def _read_kaggle(path: Path) -> _Parsed:
     def read(f, parsed: _Parsed) -> None:
-        lines = enumerate(f, 1)
+        lines = _Lines(f)
         first = next(lines, None)
         if first is None:
             raise CapcliError(f"{path}: empty file")
@@ -248,6 +266,8 @@ def _read_kaggle(path: Path) -> _Parsed:
         stray_quotes = []
         for lineno, line in lines:
             row, unbalanced = _csv_line(line)
+            if unbalanced and line.startswith('"'):  # a quoted image name may hold a newline: "a\nb.jpg",caption
+                row, unbalanced = _quoted_name_row(line, lines, row)
             if not any(cell.strip() for cell in row):
                 continue
             if unbalanced:
@@ -272,6 +292,46 @@ def _csv_line(line: str) -> tuple[list[str], bool]:
     row = next(csv.reader([line.rstrip("\r\n") + "\n"]), [])
     unbalanced = any("\n" in cell for cell in row)  # the line ended inside the quoted cell
     return [cell.rstrip("\r\n") for cell in row], unbalanced
+
+
+_NAME_LINES = 4  # a quoted image name is read over at most this many lines
+
+
+def _quoted_name_row(line: str, lines, row: list[str]) -> tuple[list[str], bool]:
+    """The record of a quoted image name that holds newlines, read on from the next lines while its quote stays
+    open; `row`, unbalanced, unless the name's quote closes within _NAME_LINES lines, followed by a caption on
+    that same line. Only names are read over lines: a caption's stray quote never swallows the rows after it."""
+    text, taken = line, []
+    for _ in range(_NAME_LINES - 1):
+        following = next(lines, None)
+        if following is None:
+            break
+        taken.append(following)
+        text += following[1]
+        records = list(csv.reader(io.StringIO(text)))
+        if len(records) == 1 and len(records[0]) >= 2 and "\n" in records[0][0] and "\n" not in ",".join(
+                records[0][1:]).rstrip("\r\n"):
+            return [cell.rstrip("\r\n") for cell in records[0]], False
+        if text.count('"') % 2 == 0:
+            break  # the quote closed without a caption after it: not a name over lines
+    lines.push_back(taken)
+    return row, True
+
+
+class _Lines:
+    """(line number, line) pairs of a file, with lines read ahead given back."""
+
+    def __init__(self, f) -> None:
+        self._lines, self._back = enumerate(f, 1), []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._back.pop() if self._back else next(self._lines)
+
+    def push_back(self, taken: list) -> None:
+        self._back.extend(reversed(taken))
 
 
 def _stray_quote_note(path: Path, lines: list[int]) -> str:
@@ -336,7 +396,7 @@ def _load_json(path: Path) -> Any:
     except OSError as exc:
         raise CapcliError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
     except UnicodeDecodeError:
-        raise CapcliError(f"{path}: not UTF-8 text") from None
+        raise _not_utf8(path) from None
     except json.JSONDecodeError as exc:
         raise CapcliError(f"{path}: malformed JSON (line {exc.lineno}: {exc.msg})") from None
 
