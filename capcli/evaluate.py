@@ -11,7 +11,7 @@ from pathlib import Path
 from capcli.console import progress, warn
 from capcli.errors import CapcliError
 from capcli.paths import atomic_write_json, is_bundle_folder, protected_output, starts_with
-from capcli.runtime.captioner import DEFAULT_GUARDS, Guards, caption_images, open_captioner
+from capcli.runtime.captioner import DEFAULT_GUARDS, MAX_BEAM, Guards, caption_images, open_captioner
 
 
 def model_dataset_defaults(model: str | Path) -> dict:
@@ -87,8 +87,8 @@ def evaluate(
 
     if limit is not None and limit < 1:
         raise CapcliError(f"--limit must be at least 1, got {limit}")
-    if beam_size < 1:
-        raise CapcliError(f"--beam-size must be at least 1, got {beam_size}")
+    if not 1 <= beam_size <= MAX_BEAM:
+        raise CapcliError(f"--beam-size must be from 1 to {MAX_BEAM}, got {beam_size}")
     out = _output_path(model, out, split, force)  # before any work
     defaults = model_dataset_defaults(model)
     dataset = dataset or defaults.get("spec")

@@ -125,7 +125,7 @@ def test_scst_refuses_a_run_without_a_cross_entropy_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--samples", "0"], "--samples must be an integer of at least 1"),
+    (["--samples", "0"], "--samples must be an integer from 1 to 64"),
     (["--baseline", "best"], "--baseline must be greedy or mean"),
     (["--baseline", "mean", "--samples", "1"], "--samples must be at least 2 with --baseline mean"),
     (["--lr", "-1"], "--lr must be a finite number above 0"),

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import AllowUnk, NoRepeatNgram, Provider
+from capcli.cli.options import MAX_BEAM, MAX_DECODE_BATCH, AllowUnk, BeamSize, NoRepeatNgram, Provider
 from capcli.console import err, error, json_line, out, plain, shown
 
 
@@ -38,11 +38,14 @@ def caption(
         typer.Option(help="Bundle folder (onnx) or run dir / bundle (torch); default: the shipped Flickr8k model."),
     ] = None,
     runtime: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
-    beam_size: Annotated[int, typer.Option(min=1, help="1 = greedy.")] = 3,
+    beam_size: BeamSize = 3,
     beams: Annotated[
-        int, typer.Option(min=1, help="Alternatives to show per image (beam search only; at most --beam-size).")
+        int, typer.Option(min=1, max=MAX_BEAM,
+                          help="Alternatives to show per image (beam search only; at most --beam-size).")
     ] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images decoded together (encoded 16 at a time).")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=MAX_DECODE_BATCH, help="Images decoded together (encoded 16 at a time).")
+    ] = 8,
     provider: Provider = "auto",
     device: Annotated[str, typer.Option(help="PyTorch device for --runtime torch.")] = "cpu",
     as_json: Annotated[

@@ -6,11 +6,14 @@ from typing import Annotated
 
 import typer
 
+from capcli.cli.data import MAX_SYNTH_IMAGES
 from capcli.demo import DECODER, EPOCHS, IMAGES
 
 
 def demo(
-    images: Annotated[int, typer.Option(min=100, help="Synthetic images to generate.")] = IMAGES,
+    images: Annotated[
+        int, typer.Option(min=100, max=MAX_SYNTH_IMAGES, help="Synthetic images to generate.")
+    ] = IMAGES,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")] = EPOCHS,
     decoder: Annotated[str, typer.Option(help="attention (with heatmaps in the report) or pooled.")] = DECODER,
     out_dir: Annotated[str, typer.Option("--out", help="Bundle folder.")] = "exported/demo",

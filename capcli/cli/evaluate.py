@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import AllowUnk, ImagesDir, NoRepeatNgram, Provider
+from capcli.cli.options import AllowUnk, BeamSize, ImagesDir, NoRepeatNgram, Provider
 from capcli.console import json_line
 from capcli.tables import print_scores
 
@@ -16,7 +16,7 @@ def evaluate_cmd(
     dataset: Annotated[str | None, typer.Option(help="Dataset (default: the one the model was trained on).")] = None,
     images: ImagesDir = None,
     split: Annotated[str, typer.Option(help="Split to caption and score: train, val or test.")] = "test",
-    beam_size: Annotated[int, typer.Option(min=1, help="1 = greedy.")] = 3,
+    beam_size: BeamSize = 3,
     runtime: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
     provider: Provider = "auto",
     device: Annotated[str, typer.Option(help="PyTorch device for --runtime torch.")] = "cpu",

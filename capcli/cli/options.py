@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from capcli.runtime.captioner import MAX_BEAM
+
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Provider = Annotated[str, typer.Option(help="ONNX Runtime provider: auto, cpu or cuda.")]
 BackboneName = Annotated[str, typer.Option("--backbone", help="Backbone plugin name (see capcli backbones).")]
@@ -18,6 +20,10 @@ Engine = Annotated[
 AllowUnk = Annotated[
     bool, typer.Option("--allow-unk", help="Let captions hold <unk> (suppressed by default: the model's 'lost' word).")
 ]
+# Options that size memory are bounded, so that a typo is one line rather than an allocation traceback; the beam
+# (MAX_BEAM) as `capcli serve`'s API bounds it.
+MAX_DECODE_BATCH = 1024  # images decoded together (caption)
+BeamSize = Annotated[int, typer.Option(min=1, max=MAX_BEAM, help=f"1 = greedy; at most {MAX_BEAM}.")]
 NoRepeatNgram = Annotated[
     int, typer.Option(min=0, max=20, help="No n-gram twice in a caption (0: off; default 3).")
 ]

@@ -10,6 +10,11 @@ from capcli.cli.options import Provider
 from capcli.console import out
 from capcli.errors import CapcliError
 
+# Images through the encoder at once (each is tens of MB of activations) and images waiting for it: bounded so a
+# typo is one line, not an allocation failure under load.
+MAX_SERVE_BATCH = 256
+MAX_QUEUED = 4096
+
 
 def _check_port_free(host: str, port: int) -> None:
     import socket
@@ -34,13 +39,18 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     provider: Provider = "auto",
-    max_batch: Annotated[int, typer.Option(min=1, help="Most images in one encoder/decoder run.")] = 16,
+    max_batch: Annotated[
+        int, typer.Option(min=1, max=MAX_SERVE_BATCH, help="Most images in one encoder/decoder run.")
+    ] = 16,
     max_wait_ms: Annotated[
-        float, typer.Option(min=0, help="How long a request waits for others, still being read, to batch with.")
+        float, typer.Option(min=0, max=60_000,
+                            help="How long a request waits for others, still being read, to batch with.")
     ] = 5.0,
-    max_files: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 16,
+    max_files: Annotated[int, typer.Option(min=1, max=MAX_SERVE_BATCH, help="Most images in one request.")] = 16,
     max_image_mb: Annotated[float, typer.Option(min=0.001, help="Largest image file accepted, in MB.")] = 20.0,
-    max_queued: Annotated[int, typer.Option(min=1, help="Images waiting before requests get 503.")] = 256,
+    max_queued: Annotated[
+        int, typer.Option(min=1, max=MAX_QUEUED, help="Images waiting before requests get 503.")
+    ] = 256,
     max_decode_mb: Annotated[float, typer.Option(
         min=1, max=1e6, help="Decoded-image memory of all concurrent decodes together, in MB (reserved from each "
         "image's header before decoding; an image needing more is refused).")] = 2000.0,

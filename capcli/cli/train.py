@@ -9,6 +9,7 @@ import typer
 from capcli.cli.options import BackboneName, DatasetSpec, Device, Engine, ImagesDir, Weights
 from capcli.console import err, out
 from capcli.tables import print_training
+from capcli.train.config import MAX_FEATURE_BATCH
 
 
 def features(
@@ -16,7 +17,7 @@ def features(
     dataset: DatasetSpec = "synthetic",
     images: ImagesDir = None,
     weights: Weights = "imagenet",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_FEATURE_BATCH, help="Images per forward pass.")] = 32,
     workers: Annotated[
         int | None, typer.Option(help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")
     ] = None,

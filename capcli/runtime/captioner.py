@@ -102,6 +102,7 @@ class Guards:
 
 
 DEFAULT_GUARDS = Guards()
+MAX_BEAM = 16  # the widest beam (and most alternatives) any command or the server decodes with
 NO_GUARDS = Guards(suppress_unk=False, no_repeat_ngram=0)
 
 

@@ -29,13 +29,12 @@ from starlette.requests import ClientDisconnect
 from capcli import __version__
 from capcli.bundle.manifest import read_manifest
 from capcli.errors import CapcliError
-from capcli.runtime.captioner import DEFAULT_GUARDS, open_captioner
+from capcli.runtime.captioner import DEFAULT_GUARDS, MAX_BEAM, open_captioner
 from capcli.serve.batcher import DecodeOptions, MicroBatcher, ServerBusy
 from capcli.serve.limits import MB, BodyAccount, DecodeBudget, GuardedH11Protocol, Refused, UploadBudget, tune_malloc
 from capcli.serve.uploads import IMAGES_FIELD, UploadError, image_input, read_form
 
 STATIC = files("capcli.serve") / "static"
-MAX_BEAM = 16
 MAX_NGRAM = 20  # longer than any caption the block could apply to
 TOO_LARGE = "request body too large (see the limits in GET /v1/model)"
 # uvicorn's own log (shown at info level by `capcli serve`): a client event is a line there like its others.

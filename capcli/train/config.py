@@ -18,6 +18,9 @@ from capcli.model import DECODER_KINDS
 # them is kinder than an allocation traceback or the kernel's OOM killer.
 MAX_DIM = 8192
 MAX_LAYERS = 16
+MAX_BATCH = 8192  # captions per step: the step's logits are batch x words x vocabulary floats
+MAX_FEATURE_BATCH = 1024  # images through the backbone at once
+MAX_CAPTION_WORDS = 1000  # --max-len: what a bundle's manifest accepts (capcli.bundle.schema.MAX_LEN)
 MAX_SEED = 2**31 - 1  # the seed also seeds numpy (>= 0) and per-epoch shuffles (seed * 1000 + epoch)
 # Options that may differ when a run is resumed: how long and where it runs, not what it learns.
 CHANGEABLE_ON_RESUME = frozenset({"epochs", "patience", "device", "workers", "engine", "feature_batch_size",
@@ -79,14 +82,14 @@ RULES = {
     "dataset": _text,
     "weights": _text,
     "epochs": _int_at_least(1),
-    "batch_size": _int_at_least(1),
+    "batch_size": _int_at_least(1, MAX_BATCH),
     "lr": _positive_number,
     "lr_keep_epochs": _int_at_least(0),
     "lr_decay": _number_in(0, 1, low_open=True, high_open=False),
     "clip_norm": _positive_number,
     "patience": _int_at_least(1),
     "threshold": _int_at_least(1),
-    "max_len": _int_at_least(1),
+    "max_len": _int_at_least(1, MAX_CAPTION_WORDS),
     "embed_dim": _int_at_least(1, MAX_DIM),
     "hidden_dim": _int_at_least(1, MAX_DIM),
     "num_layers": _int_at_least(1, MAX_LAYERS),
@@ -94,7 +97,7 @@ RULES = {
     "val_sample": _int_at_least(1),
     "seed": _int_at_least(0, MAX_SEED),
     "workers": _optional(_int_at_least(0)),
-    "feature_batch_size": _int_at_least(1),
+    "feature_batch_size": _int_at_least(1, MAX_FEATURE_BATCH),
     "decoder": _optional(_one_of(DECODER_KINDS)),
     "context_dim": _int_at_least(1, MAX_DIM),
     "attention_dim": _int_at_least(1, MAX_DIM),

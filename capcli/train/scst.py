@@ -52,6 +52,7 @@ from capcli.train.rollout import rollout
 from capcli.train.run_folder import write_metrics
 
 BASELINES = ("greedy", "mean")
+MAX_IMAGES, MAX_SAMPLES = 1024, 64  # images per step and captions sampled per image: a step rolls out both at once
 # Options a continued SCST run may change: how long and where it runs, not what it learns.
 CHANGEABLE_ON_RESUME = frozenset({"run", "epochs", "patience", "device", "workers", "given"})
 
@@ -82,8 +83,11 @@ class ScstConfig:
         def integer(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        for name in ("epochs", "batch_size", "patience", "val_sample", "samples"):
+        for name in ("epochs", "patience", "val_sample"):
             need(integer(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer of at least 1")
+        for name, most in (("batch_size", MAX_IMAGES), ("samples", MAX_SAMPLES)):  # a step is images x samples
+            value = getattr(self, name)
+            need(integer(value) and 1 <= value <= most, name, f"an integer from 1 to {most}")
         need(self.baseline in BASELINES, "baseline", " or ".join(BASELINES))
         if self.baseline == "mean" and integer(self.samples) and self.samples == 1:
             bad.append("--samples must be at least 2 with --baseline mean (the other samples are the baseline)")
