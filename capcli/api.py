@@ -172,11 +172,14 @@ class Captioner:
         Examples:
             ```python
             result = captioner.caption("photo.jpg")
-            result.caption                # 'a dog runs through the grass'
-            result.alternatives[1]        # Alternative(caption='a brown dog is running ...', score=-0.84)
-            for word, weights in result.attention:   # attention models: weights over the grid's cells
-                print(word, weights.reshape(captioner.grid).max())
+            print(result.caption, result.score)
+            for caption, score in result.alternatives:   # the beam's captions, best first
+                print(caption, score)
+            for word, weights in result.attention:       # attention models: each word's weights
+                print(word, weights.reshape(captioner.grid).argmax())   # over the grid's cells
+
             results = captioner.caption(sorted(Path("photos").glob("*.jpg")), beam_size=1)  # greedy
+            results = captioner.caption(photos, errors="keep")   # unreadable ones: result.error
             ```
         """
         single = isinstance(images, str | bytes | os.PathLike | Image.Image | np.ndarray) or not isinstance(

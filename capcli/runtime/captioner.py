@@ -47,8 +47,9 @@ class CaptionResult:
         alternatives: With several captions asked for (`n_best` > 1): each (caption, score), best first, the
             best included; empty otherwise.
         error: Why the image could not be captioned (unreadable, too large...), or None.
-        attention: For a model with the attention decoder (when asked for): each word of the caption with the
-            weights over the grid it was predicted with; None otherwise.
+        attention: For a model with the attention decoder (from the Python API always, from the CLI with
+            `--attention`): each word of the caption with the weights over the grid it was predicted with; None
+            otherwise.
         grid: The attention grid's (height, width), with `attention`.
     """
 
