@@ -1,4 +1,5 @@
-"""Runs the README's bundle snippet as a user would: a script with onnxruntime, numpy and Pillow only."""
+"""Runs the documentation's bundle snippet (docs/bundles.md, "Captioning without capcli") as a user would: a script
+with onnxruntime, numpy and Pillow only."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ PHOTOS = sorted((ROOT / "tests" / "images").glob("*.jpg"))  # real photos: odd s
 
 
 def snippet() -> str:
-    readme = (ROOT / "README.md").read_text()
-    return re.search(r"```python\n(# bundle-snippet.*?)```", readme, re.S).group(1)
+    page = (ROOT / "docs" / "bundles.md").read_text()
+    return re.search(r"```python\n(# bundle-snippet.*?)```", page, re.S).group(1)
 
 
 def snippet_captions(bundle: Path, images: list[Path], tmp_path: Path) -> list[str]:
