@@ -90,7 +90,9 @@ def _params_table(command, ctx) -> list[str]:
         rows.append(f"| {names} | {f'`{default}`' if default else ''} | {described} |")
     if not rows:
         return []
-    return ["| option | default | what it does |", "|---|---|---|", *rows, ""]
+    arguments = any(p.param_type_name == "argument" for p in command.get_params(ctx))
+    return [f"| {'argument or option' if arguments else 'option'} | default | what it does |", "|---|---|---|",
+            *rows, ""]
 
 
 def _usage(path: str, command, ctx) -> str:
