@@ -29,6 +29,7 @@ from PIL import Image
 from capcli.errors import CapcliError
 from capcli.images import ImageError, InMemoryImage
 from capcli.runtime.captioner import (
+    MAX_BEAM,
     Alternative,
     CaptionResult,
     Guards,
@@ -146,7 +147,7 @@ class Captioner:
         Args:
             images: One image (a path, a Pillow image or a numpy array: [`ImageInput`][capcli.api.ImageInput]),
                 or a list (any iterable) of them.
-            beam_size: Beam search's width; 1 is greedy decoding.
+            beam_size: Beam search's width, from 1 (greedy decoding) to 16.
             n_best: How many of the beam's captions each result keeps in `alternatives`, best first (at most
                 `beam_size`). None: all `beam_size` of them under beam search, none with greedy decoding or
                 sampling.
@@ -219,6 +220,8 @@ def _check_options(beam_size: int, n_best: int | None, sample: bool, temperature
                              ("no_repeat_ngram", no_repeat_ngram, 0), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, not {value!r}")
+    if beam_size > MAX_BEAM:
+        raise ValueError(f"beam_size must be at most {MAX_BEAM} (as in capcli caption and the server), not {beam_size}")
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and 1e-3 <= temperature <= 100):
         raise ValueError(f"temperature must be from 0.001 to 100, not {temperature!r}")
     if errors not in ("raise", "keep"):

@@ -164,6 +164,7 @@ def test_unreadable_images_raise_or_are_kept_with_their_error(shipped, tmp_path)
 @needs_shipped
 @pytest.mark.parametrize(("options", "message"), [
     ({"beam_size": 0}, "beam_size must be an integer >= 1"),
+    ({"beam_size": 17}, "beam_size must be at most 16"),
     ({"beam_size": 2, "n_best": 3}, "beam_size=2"),
     ({"beam_size": 1, "n_best": 2}, "needs beam search"),
     ({"sample": True, "n_best": 2}, "sampling gives one caption"),
