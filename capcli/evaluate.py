@@ -10,7 +10,7 @@ from pathlib import Path
 
 from capcli.console import progress, warn
 from capcli.errors import CapcliError
-from capcli.paths import atomic_write_json, is_bundle_folder, protected_output, starts_with
+from capcli.paths import atomic_write_json, is_bundle_folder, protected_output, same_file_as_any, starts_with
 from capcli.runtime.captioner import DEFAULT_GUARDS, MAX_BEAM, Guards, caption_images, open_captioner
 
 
@@ -82,7 +82,7 @@ def evaluate(
     captioning, unreadable ones after the report is written, unless `allow_missing` (then the rest is
     scored and the report lists what was left out).
     """
-    from capcli.data.readers import load_dataset
+    from capcli.data.readers import dataset_files, image_of, load_dataset
     from capcli.metrics import score_captions
 
     if limit is not None and limit < 1:
@@ -101,8 +101,12 @@ def evaluate(
     if split not in ds.splits or not ds.splits[split]:
         raise CapcliError(f"dataset '{ds.name}' has no '{split}' split (has: {', '.join(ds.splits)})")
     names = ds.splits[split][:limit] if limit else ds.splits[split]
-    protected_output(out, "--out", inputs=[ds.annotation, *(ds.image_path(n) for n in names)], force=force,
-                     ours=is_evaluation)
+    read = same_file_as_any(out, dataset_files(ds))
+    if read is not None or image_of(ds, out) is not None:
+        what = f"{Path(read).name}, a file" if read is not None else "an image"
+        raise CapcliError(f"--out '{out}' is an input of this command ({what} of the dataset '{ds.name}'); choose "
+                          "another path")
+    protected_output(out, "--out", inputs=[ds.image_path(n) for n in names], force=force, ours=is_evaluation)
     missing = [n for n in names if not ds.image_path(n).is_file()]
     if missing:
         _refuse_or_warn(f"{len(missing)} of {len(names)} images of the {split} split are missing from "

@@ -108,6 +108,12 @@ def is_run_folder(folder: str | Path) -> bool:
     return (folder / "config.json").is_file() and any((folder / name).exists() for name in RUN_FILES)
 
 
+def run_folder_holding(path: str | Path) -> Path | None:
+    """The training run whose folder holds `path`, directly or in a folder of its own (run/scst/last.pt)."""
+    folder = Path(os.path.realpath(Path(path).parent))  # the folder the name is in, through any link to it
+    return next((f for f in (folder, folder.parent) if is_run_folder(f)), None)
+
+
 def _identity(path: str | Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -134,9 +140,10 @@ def protected_output(
 ) -> Path:
     """`output_file`, and a file capcli may replace.
 
-    Never one of the command's `inputs` nor a file of a bundle, and of a training run only a report capcli
-    wrote there (`ours`), not even with --force: they are what the command reads or what other commands need.
-    Another existing file only when `ours(path)` says capcli wrote it, or with `force`.
+    Never one of the command's `inputs` nor a file of a bundle, and of a training run (in its folder or one of
+    its own, like scst/) only a report capcli wrote there (`ours`), not even with --force: they are what the
+    command reads or what other commands need. Another existing file only when `ours(path)` says capcli wrote
+    it, or with `force`.
     """
     path = output_file(path, what)
     source = same_file_as_any(path, inputs)
@@ -148,9 +155,9 @@ def protected_output(
         raise CapcliError(f"{what} '{path}' is a file of the bundle '{path.parent}'; choose a path outside it")
     if ours is not None and path.is_file() and not path.is_symlink() and _safely(ours, path):
         return path
-    if is_run_folder(path.parent):
-        raise CapcliError(f"{what} '{path}' is a file of the training run '{path.parent}'; choose a path "
-                          "outside it")
+    run = run_folder_holding(path)
+    if run is not None:
+        raise CapcliError(f"{what} '{path}' is a file of the training run '{run}'; choose a path outside it")
     if not force:
         raise CapcliError(f"{what} '{path}' exists and was not written by capcli; choose another path, or "
                           "use --force to replace it")

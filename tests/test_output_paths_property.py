@@ -2,8 +2,10 @@
 training run's files.
 
 For each command that writes files (caption --html, evaluate --out, export --out, data synth OUT), hypothesis
-draws a protected target (an input, a file of the bundle or the run, the bundle or run folder itself) and a
-spelling of it: absolute, relative, with ./, through a symlink to the file or to its folder, with /./, // or
+draws a protected target (an input: the captioned photo, the dataset's captions file, its ground truth
+objects.json, an image it captions, any image of the dataset; every file of the bundle; every file of the run as
+self-critical training leaves it, scst/ included; the bundle or run folder itself, and the run's scst/ folder) and
+a spelling of it: absolute, relative, with ./, through a symlink to the file or to its folder, with /./, // or
 DIR/../DIR segments, with a trailing slash, with or without --force. Every one must be refused: exit 1, one
 error line, and every file of the bundle, the run, the dataset and the captioned image byte-identical after.
 
@@ -25,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_reliability_outputs import env, invoke, one_line_error, snapshot  # noqa: F401 (env: the fixture)
 
 BUNDLE_FILES = ("capcli.json", "encoder.onnx", "decoder.onnx", "vocab.json")
-RUN_FILES = ("best.pt", "last.pt", "config.json", "vocab.json")
-EXAMPLES = settings(max_examples=25, deadline=None)
+RUN_FILES = ("best.pt", "last.pt", "config.json", "vocab.json", "best_xe.pt", "metrics.jsonl", "metrics.csv",
+             "curves.png", "scst/last.pt", "scst/metrics.jsonl", "scst/metrics.csv")  # a run after capcli scst
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,17 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(env, tmp_path_factory) -> World:  # noqa: F811 (env: imported above as a fixture)
-    """The tiny run and bundle of test_reliability_outputs, the run completed as training leaves one."""
+    """The tiny run and bundle of test_reliability_outputs, the run completed as training and then self-critical
+    training leave one."""
     run, bundle = env["run"], env["bundle"]
-    shutil.copy(run / "best.pt", run / "last.pt")
+    (run / "scst").mkdir()
+    for name in ("last.pt", "best_xe.pt", "scst/last.pt"):
+        shutil.copy(run / "best.pt", run / name)
+    for name in ("metrics.jsonl", "scst/metrics.jsonl"):
+        (run / name).write_text('{"epoch": 1}\n')
+    for name in ("metrics.csv", "scst/metrics.csv"):
+        (run / name).write_text("epoch\n1\n")
+    (run / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     vocab = json.loads((bundle / "vocab.json").read_text())
     (run / "vocab.json").write_text(json.dumps(vocab, indent=1))  # not the bytes an export would write
     mine = tmp_path_factory.mktemp("spellings")
@@ -137,47 +147,67 @@ def check_refused(world: World, args: list, out: str, force: bool, link_may_be_r
 # --- the property, command by command ------------------------------------------------------------------------
 
 
-def file_targets(world: World) -> list[Path]:
-    return [*(world.bundle / n for n in BUNDLE_FILES), *(world.run / n for n in RUN_FILES)]
+def target(world: World, name: str) -> Path:
+    """A target by its name here: 'run', 'bundle', 'data', 'photo', 'run/FILE', 'bundle/FILE' or 'data/FILE'."""
+    folder, _, rest = name.partition("/")
+    if folder == "data" and rest.startswith("Images/"):  # an image of a split, by the split's name
+        from capcli.data.readers import load_dataset
+
+        rest = "Images/" + load_dataset(str(world.data)).splits[rest.removeprefix("Images/")][0]
+    return getattr(world, folder) / rest if rest else getattr(world, folder)
 
 
-@EXAMPLES
-@given(data=st.data(), spelling=spellings, force=st.booleans())
-def test_caption_html_never_writes_over_protected_files(world, data, spelling, force):
-    target = data.draw(st.sampled_from([world.photo, *file_targets(world)]), label="target")
-    out = spelling.write(target, world)
+FILE_TARGETS = [*(f"bundle/{n}" for n in BUNDLE_FILES), *(f"run/{n}" for n in RUN_FILES)]
+# Each target is its own property (hypothesis drawing the spelling and --force), so every one is tried however
+# the draws fall.
+EACH = settings(max_examples=6, deadline=None)
+
+
+@pytest.mark.parametrize("name", ["photo", *FILE_TARGETS])
+@EACH
+@given(spelling=spellings, force=st.booleans())
+def test_caption_html_never_writes_over_protected_files(world, name, spelling, force):
+    out = spelling.write(target(world, name), world)
     check_refused(world, ["caption", world.photo, "--model", world.bundle, "--html", out], out, force,
-                  link_may_be_replaced=force and spelling.via == "file link" and target != world.photo)
+                  link_may_be_replaced=force and spelling.via == "file link" and name != "photo")
 
 
-@EXAMPLES
-@given(data=st.data(), spelling=spellings, force=st.booleans())
-def test_evaluate_out_never_writes_over_protected_files(world, data, spelling, force):
-    captions = world.data / "captions.txt"
-    target = data.draw(st.sampled_from([captions, *file_targets(world)]), label="target")
-    out = spelling.write(target, world)
+# What evaluate reads: the captions file, the ground truth, an image it captions (the first of the test split,
+# with --limit 2); and an image of the dataset it does not read, whose link may be replaced with --force.
+EVALUATE_READS = ["data/captions.txt", "data/objects.json", "data/Images/test"]
+
+
+@pytest.mark.parametrize("name", [*EVALUATE_READS, "data/Images/train", *FILE_TARGETS])
+@EACH
+@given(spelling=spellings, force=st.booleans())
+def test_evaluate_out_never_writes_over_protected_files(world, name, spelling, force):
+    out = spelling.write(target(world, name), world)
     check_refused(world, ["evaluate", world.bundle, "--dataset", world.data, "--limit", "2", "--out", out], out,
-                  force, link_may_be_replaced=force and spelling.via == "file link" and target != captions)
+                  force, link_may_be_replaced=force and spelling.via == "file link" and name not in EVALUATE_READS)
 
 
-@EXAMPLES
-@given(data=st.data(), spelling=spellings, force=st.booleans())
-def test_export_out_never_writes_over_protected_files(world, data, spelling, force):
-    """The run's folder and its files, the bundle's files; the bundle folder itself only without --force (with
-    it, replacing that bundle is what --force is for)."""
-    targets = [world.run, *file_targets(world), *([] if force else [world.bundle])]
-    target = data.draw(st.sampled_from(targets), label="target")
-    out = spelling.write(target, world)
+@pytest.mark.parametrize("name", ["run", "run/scst", "bundle", *FILE_TARGETS])
+@EACH
+@given(spelling=spellings, force=st.booleans())
+def test_export_out_never_writes_over_protected_files(world, name, spelling, force):
+    """The run's folder, its scst/ folder and their files, the bundle's files; the bundle folder itself only
+    without --force (with it, replacing that bundle is what --force is for)."""
+    assume(not (name == "bundle" and force))
+    out = spelling.write(target(world, name), world)
     check_refused(world, ["export", world.run, "--exporter", "torchscript", "--out", out], out, force,
                   link_may_be_replaced=False)
 
 
-@EXAMPLES
-@given(data=st.data(), spelling=spellings)
-def test_data_synth_never_writes_over_protected_files(world, data, spelling):
-    target = data.draw(st.sampled_from([world.run, world.bundle, *file_targets(world)]), label="target")
-    out = spelling.write(target, world)
-    check_refused(world, ["data", "synth", "--images", "2", out], out, False, link_may_be_replaced=False)
+@pytest.mark.parametrize("name", ["run", "run/scst", "bundle", "data", *FILE_TARGETS])
+@EACH
+@given(spelling=spellings, force=st.booleans())
+def test_data_synth_never_writes_over_protected_files(world, name, spelling, force):
+    """The run, its scst/ folder, the bundle and their files; the dataset itself only without --force (with it,
+    replacing a synthetic set is what --force is for)."""
+    assume(not (name == "data" and force))
+    out = spelling.write(target(world, name), world)
+    check_refused(world, ["data", "synth", "--images", "2", "--size", "48", out], out, force,
+                  link_may_be_replaced=False)
 
 
 # --- DIR/missing/../NAME --------------------------------------------------------------------------------------

@@ -18,7 +18,15 @@ from capcli.bundle.quantize import check_request, quantize_bundle
 from capcli.errors import CapcliError
 from capcli.model import checkpoint
 from capcli.onnx_graphs import check_exporter
-from capcli.paths import describe_os_error, is_run_folder, output_folder, same_file_as_any, staging_folder
+from capcli.paths import (
+    describe_os_error,
+    is_bundle_folder,
+    is_run_folder,
+    output_folder,
+    run_folder_holding,
+    same_file_as_any,
+    staging_folder,
+)
 
 
 def export(
@@ -71,6 +79,9 @@ def prepare_out(out: Path, force: bool, inputs: list[Path]) -> None:
         return
     if is_run_folder(out):
         raise CapcliError(f"--out '{out}' is a training run's folder; export the bundle outside it")
+    run = run_folder_holding(out / manifest.MANIFEST)
+    if run is not None and not is_bundle_folder(out):  # a run's own folder (scst/); an earlier bundle may be replaced
+        raise CapcliError(f"--out '{out}' is a folder of the training run '{run}'; export the bundle outside it")
     for name in (*OUTPUT_FILES, manifest.MANIFEST):
         source = same_file_as_any(out / name, inputs)
         if source is not None:

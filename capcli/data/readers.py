@@ -93,6 +93,24 @@ def load_dataset(
     return CaptionDataset(name, fmt, annotation, images_dir, captions, splits, parsed.notes)
 
 
+def dataset_files(ds: CaptionDataset) -> list[Path]:
+    """The files besides its images that a dataset is read from: the annotation file, Flickr8k's split lists and
+    the synthetic set's ground truth (objects.json), those that exist."""
+    folder = ds.annotation.parent
+    extra = (folder / name for name in (*_SPLIT_LISTS.values(), "objects.json"))
+    return [ds.annotation, *(path for path in extra if path.is_file())]
+
+
+def image_of(ds: CaptionDataset, path: str | Path) -> str | None:
+    """The dataset's name for the image at `path` (by where its folder really is), or None."""
+    try:
+        folder = Path(os.path.realpath(Path(path).parent)).relative_to(os.path.realpath(ds.images_dir))
+    except ValueError:
+        return None
+    name = (folder / Path(path).name).as_posix()
+    return name if name in ds.captions else None
+
+
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     for label, value in (("validation", val_fraction), ("test", test_fraction)):
         if not 0 <= value < 1:
