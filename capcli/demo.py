@@ -89,12 +89,12 @@ def run_demo(n_images: int = IMAGES, epochs: int = EPOCHS, bundle: str = "export
     resume = earlier_run(run_path, decoder)
     if resume:
         err.print(f"{run} holds an earlier demo run: resuming it (a finished run is kept as it is)")
-    # given=(): a demo run of an earlier capcli version resumes with its own settings
+    # A demo run of an earlier capcli version resumes with its own settings, but for how long it trains
     cfg = TrainConfig(backbone=BACKBONE, dataset=str(data_dir), weights="imagenet", out=run, epochs=epochs,
                       batch_size=64, hidden_dim=256, embed_dim=128, context_dim=128, attention_dim=64,
                       dropout=0.3, label_smoothing=0.0, select_on="loss", precision="fp32",
                       lr=LR, lr_keep_epochs=max(1, epochs - 1), lr_decay=LAST_EPOCH_LR,
-                      resume=resume, patience=3, decoder=decoder, given=())
+                      resume=resume, patience=3, decoder=decoder, given=("epochs", "patience"))
     train(cfg)
     timings["train_s"] = time.perf_counter() - t
 

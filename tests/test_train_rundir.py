@@ -51,7 +51,8 @@ def test_another_file_in_the_folder_still_refuses_it(small_synthetic, tmp_path):
 def test_a_run_after_scst_is_not_resumed_as_cross_entropy(small_synthetic, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("last.pt", "best.pt", "best_xe.pt"):
+    (run / "scst").mkdir()
+    for name in ("last.pt", "best.pt", "best_xe.pt", "scst/last.pt"):  # an SCST epoch saved
         (run / name).write_bytes(b"")
     with pytest.raises(CapcliError, match="went on with self-critical training"):
         train(tiny(small_synthetic, run, resume=True), show_progress=False)

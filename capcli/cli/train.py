@@ -127,7 +127,9 @@ def train(
 def scst(
     ctx: typer.Context,
     run: Annotated[str, typer.Argument(help="A cross-entropy run folder (capcli train --out RUN).")],
-    epochs: Annotated[int, typer.Option(help="SCST epochs in all (a rerun may raise it to go on).")] = 10,
+    epochs: Annotated[
+        int, typer.Option(help="SCST epochs in all (a rerun keeps the run's own unless given: raise it to go on).")
+    ] = 10,
     samples: Annotated[int, typer.Option(help="Captions sampled per image.")] = 5,
     baseline: Annotated[
         str, typer.Option(help="greedy (the reward of the model's greedy caption) or mean (of the other samples).")
@@ -139,6 +141,11 @@ def scst(
     seed: Annotated[int | None, typer.Option(help="Seed of the sampling (default: the run's).")] = None,
     device: Device = "auto",
     workers: Annotated[int | None, typer.Option(help="Feature-extraction workers.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Where the run's dataset is now, if it moved (default: where the run records "
+                                      "it; it must be the same data).")
+    ] = None,
+    images: ImagesDir = None,
 ) -> None:
     """Fine-tune a trained run on CIDEr-D with self-critical training; rerun to continue it.
 
@@ -150,7 +157,8 @@ def scst(
 
     given = tuple(name for name in ctx.params if _given(ctx, name))
     cfg = ScstConfig(run=run, epochs=epochs, samples=samples, baseline=baseline, lr=lr, batch_size=batch_size,
-                     patience=patience, val_sample=val_sample, seed=seed, device=device, workers=workers, given=given)
+                     patience=patience, val_sample=val_sample, seed=seed, device=device, workers=workers,
+                     dataset=dataset, images=images, given=given)
     _print_scst(run_scst(cfg))
 
 

@@ -93,6 +93,22 @@ def load_dataset(
     return CaptionDataset(name, fmt, annotation, images_dir, captions, splits, parsed.notes)
 
 
+def stored_dataset(spec: str) -> str:
+    """A dataset as a run records it, to be found again from any folder: a name (synthetic, flickr8k, ...) as it
+    is, an existing path made absolute; anything else as typed (load_dataset refuses it in its own words)."""
+    return spec if not spec or spec in NAMED else _absolute_if_there(spec)
+
+
+def stored_images(images: str | Path | None) -> str | None:
+    """--images as a run records it: absolute when it exists (see stored_dataset)."""
+    return None if images is None else _absolute_if_there(str(images))
+
+
+def _absolute_if_there(text: str) -> str:
+    path = Path(text).expanduser()
+    return str(path.absolute()) if text and path.exists() else text
+
+
 def dataset_files(ds: CaptionDataset) -> list[Path]:
     """The files besides its images that a dataset is read from: the annotation file, Flickr8k's split lists and
     the synthetic set's ground truth (objects.json), those that exist."""

@@ -25,6 +25,8 @@ MAX_SEED = 2**31 - 1  # the seed also seeds numpy (>= 0) and per-epoch shuffles 
 # Options that may differ when a run is resumed: how long and where it runs, not what it learns.
 CHANGEABLE_ON_RESUME = frozenset({"epochs", "patience", "device", "workers", "engine", "feature_batch_size",
                                   "out", "resume", "given", "extra", "precision"})
+# Of those, what a resumed run takes from its own settings unless given anew: it finishes the job as started.
+KEPT_UNLESS_GIVEN = ("epochs", "patience")
 
 
 def flag(name: str) -> str:
@@ -152,7 +154,8 @@ def settings_for_resume(cfg, saved: dict[str, Any]):
             + "; ".join(conflicts)
             + ". Drop them, or start a new run with another --out"
         )
-    return replace(cfg, **{name: saved[name] for name in fixed})
+    kept = {name: saved[name] for name in KEPT_UNLESS_GIVEN if name in saved and name not in explicitly_given(cfg)}
+    return replace(cfg, **{name: saved[name] for name in fixed}, **kept)
 
 
 @dataclass

@@ -165,7 +165,7 @@ def lr_factor(cfg: TrainConfig):
 
 def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     """Train a decoder; returns the run directory (best.pt, last.pt, vocab.json, metrics, curves)."""
-    from capcli.data.readers import load_dataset
+    from capcli.data.readers import load_dataset, stored_dataset, stored_images
     from capcli.data.text import build_vocabulary, check_coverage
     from capcli.devices import resolve_device
     from capcli.features.cache import load_features
@@ -173,6 +173,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     from capcli.registry import get_backbone
     from capcli.train.config import settings_for_resume
 
+    cfg = replace(cfg, dataset=stored_dataset(cfg.dataset), images=stored_images(cfg.images))  # from any folder
     resume_ckpt = checkpoint_to_resume(cfg) if cfg.resume else None
     if resume_ckpt is not None:
         cfg = settings_for_resume(cfg, resume_ckpt.get("train_config", {}))

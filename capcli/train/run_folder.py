@@ -33,9 +33,10 @@ def check_run_dir(cfg) -> Path:
     out = run_dir(cfg)
     if out.exists() and not out.is_dir():
         raise CapcliError(f"'{out}' exists and is not a folder; choose another --out")
-    if (out / "best_xe.pt").exists():
+    if (out / "best_xe.pt").exists() and not _scst_never_started(out, cfg.resume):
         raise CapcliError(f"'{out}' went on with self-critical training (capcli scst): cross-entropy training "
-                          "cannot resume there; start a new run with another --out")
+                          f"cannot resume there; continue it with capcli scst {out}, or start a new run with "
+                          "another --out")
     entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
     if entries and not cfg.resume:
         if (out / "last.pt").exists():
@@ -47,6 +48,24 @@ def check_run_dir(cfg) -> Path:
                  "train into it again without --resume)") if entries and entries <= UNSTARTED_RUN_FILES else ""
         raise CapcliError(f"nothing to resume in '{out}' (no last.pt){extra}")
     return out
+
+
+def _scst_never_started(out: Path, resume: bool) -> bool:
+    """Whether best_xe.pt is all that an SCST stopped before its first epoch left (earlier versions copied it at
+    the start): no SCST epoch saved, best.pt the same bytes. A resumed run then drops that copy and goes on."""
+    import filecmp
+
+    if (out / "scst" / "last.pt").exists() or not (out / "best.pt").is_file():
+        return False
+    if not filecmp.cmp(out / "best.pt", out / "best_xe.pt", shallow=False):
+        return False
+    if resume:
+        from capcli.console import err
+
+        (out / "best_xe.pt").unlink()
+        err.print(f"note: removed {out / 'best_xe.pt'}, a copy of best.pt left by self-critical training stopped "
+                  "before its first epoch ended", markup=False)
+    return True
 
 
 def make_run_dir(out: Path) -> Path:

@@ -11,13 +11,15 @@ Dropout is off throughout: the policy sampled, the greedy baseline and the capti
 are all the model that gets exported. A fresh Adam at a small learning rate starts from the weights.
 
 The run folder, after `capcli scst RUN`:
-- best_xe.pt: the cross-entropy best, copied from best.pt once, before anything else is written; SCST
-  always starts from it, and it is never replaced.
+- best_xe.pt: the cross-entropy best, copied from best.pt once, when the first SCST epoch is saved and
+  before anything else is written (an SCST stopped before that leaves the run as it was); SCST always
+  starts from it, and it is never replaced.
 - best.pt: what `capcli export RUN` exports. It stays the cross-entropy best until an SCST epoch's val
   CIDEr-D of greedy captions beats the cross-entropy model's on the same validation images; from then on
   it is SCST's best epoch (same checkpoint format, with "stage": "scst").
 - scst/last.pt: the state after the last finished epoch (weights, optimizer, history, random-number
-  states); rerunning the command continues from it. scst/metrics.jsonl and .csv: one row per epoch.
+  states); rerunning the command continues from it, with its own settings (--epochs and --patience unless
+  given anew; the dataset where --dataset last said it is). scst/metrics.jsonl and .csv: one row per epoch.
 Model selection and early stopping (`patience` epochs without a better val CIDEr-D) use greedy captions
 of `val_sample` validation images, the same on every epoch. Under torchrun every rank takes its share of
 each epoch's images and the gradients are averaged over ranks; only rank 0 writes.
@@ -54,7 +56,10 @@ from capcli.train.run_folder import write_metrics
 BASELINES = ("greedy", "mean")
 MAX_IMAGES, MAX_SAMPLES = 1024, 64  # images per step and captions sampled per image: a step rolls out both at once
 # Options a continued SCST run may change: how long and where it runs, not what it learns.
-CHANGEABLE_ON_RESUME = frozenset({"run", "epochs", "patience", "device", "workers", "given"})
+CHANGEABLE_ON_RESUME = frozenset({"run", "epochs", "patience", "device", "workers", "given", "dataset", "images"})
+# Of those, what a continued run takes from its saved settings unless given anew: it finishes the job as started,
+# on the data it was started on.
+KEPT_UNLESS_GIVEN = ("epochs", "patience", "dataset", "images")
 
 
 @dataclass
@@ -70,6 +75,8 @@ class ScstConfig:
     seed: int | None = None  # None: the run's
     device: str = "auto"
     workers: int | None = None  # feature extraction, when the cache has to be made again
+    dataset: str | None = None  # where the run's dataset is now (None: where the run records it)
+    images: str | None = None  # its image folder, when apart from the annotations (None: the run's, or beside them)
     given: tuple[str, ...] | None = None  # the options the user set (the CLI fills it); None: those not default
 
     def validate(self) -> None:
@@ -124,7 +131,31 @@ def settings_to_continue(cfg: ScstConfig, saved: dict) -> ScstConfig:
     if conflicts:
         raise CapcliError(f"SCST in '{cfg.run}' was started with other settings: {'; '.join(conflicts)}. Drop "
                           f"them to continue it, or delete {Path(cfg.run) / 'scst'} to start SCST over")
-    return replace(cfg, **{n: saved[n] for n in fixed})
+    kept = {n: saved[n] for n in KEPT_UNLESS_GIVEN if n in saved and n not in given}
+    return replace(cfg, **{n: saved[n] for n in fixed}, **kept)
+
+
+def run_dataset(cfg: ScstConfig, xe: dict):
+    """The run's dataset: where --dataset (and --images) say it is now, else where the run records it; refused
+    unless it is the data the run was trained on (a set replaced since, or another folder, would be trained on
+    silently: its vocabulary may even match)."""
+    from capcli.data.readers import load_dataset
+
+    tc = xe["train_config"]
+    spec = cfg.dataset or tc["dataset"]
+    images = cfg.images if cfg.images is not None or cfg.dataset is not None else tc.get("images")
+    try:
+        ds = load_dataset(spec, images=images, seed=tc.get("seed", 0))
+    except CapcliError as exc:
+        if cfg.dataset is not None:
+            raise
+        raise CapcliError(f"the run's dataset cannot be read from here ({exc}); pass --dataset (and --images) "
+                          "where it is now") from None
+    trained_on = xe.get("dataset_fingerprint")
+    if trained_on and ds.fingerprint() != trained_on:
+        raise CapcliError(f"{spec} is not the dataset the run was trained on (its captions differ: fingerprint "
+                          f"{ds.fingerprint()}, the run's {trained_on}); pass --dataset with the run's own")
+    return ds
 
 
 @torch.no_grad()
@@ -219,7 +250,7 @@ def run_epoch(decoder, table, feats, row_of, cider, opt, cfg, vocab, max_len, cl
 
 def scst(cfg: ScstConfig, show_progress: bool = True) -> Path:
     """Fine-tune a cross-entropy run with self-critical training; returns the run folder (see the module doc)."""
-    from capcli.data.readers import load_dataset
+    from capcli.data.readers import stored_dataset, stored_images
     from capcli.data.text import Vocabulary, build_vocabulary
     from capcli.devices import resolve_device
     from capcli.features.cache import load_features
@@ -228,11 +259,13 @@ def scst(cfg: ScstConfig, show_progress: bool = True) -> Path:
     from capcli.train.cider import CiderD
 
     cfg.validate()
+    cfg = replace(cfg, dataset=cfg.dataset and stored_dataset(cfg.dataset), images=stored_images(cfg.images))
     out = Path(cfg.run)
     source = cross_entropy_checkpoint(out)
     xe = checkpoint.load(source)
     last_path = out / "scst" / "last.pt"
     resume = checkpoint.load(last_path) if last_path.is_file() else None
+    xe_copy = None  # best_xe.pt to write with the first epoch: SCST stopped before it leaves the run as it was
     if resume is not None:
         cfg = settings_to_continue(cfg, resume["scst_config"])
     tc = xe["train_config"]
@@ -248,7 +281,7 @@ def scst(cfg: ScstConfig, show_progress: bool = True) -> Path:
     backbone = get_backbone(xe["backbone"])
     output = decoders.feature_output(kind)
     feature_dim = decoders.feature_dim(backbone, kind)
-    ds = load_dataset(tc["dataset"], images=tc.get("images"), seed=tc.get("seed", 0))
+    ds = run_dataset(cfg, xe)
     vocab = Vocabulary.from_json(xe["vocab"])
     checkpoint.check_matches(xe, backbone.name, feature_dim, build_vocabulary(ds, tc["threshold"]).sha256,
                              decoder=kind)
@@ -278,8 +311,8 @@ def scst(cfg: ScstConfig, show_progress: bool = True) -> Path:
             done = "it had stopped early" if stale >= cfg.patience else f"{left} epochs to go"
             err.print(f"continuing SCST in {out} after epoch {start_epoch} ({done}); best val CIDEr-D {best_cider:.1f}")
     else:
-        if rank == 0 and not (out / "best_xe.pt").is_file():  # before best.pt can ever be replaced
-            atomic_write_bytes(out / "best_xe.pt", source.read_bytes())
+        if not (out / "best_xe.pt").is_file():  # written with the first epoch, before best.pt can be replaced
+            xe_copy = source.read_bytes()
         elif rank == 0 and (not (out / "best.pt").is_file() or
                             checkpoint.load(out / "best.pt").get("stage") == "scst"):
             # SCST starting over (its folder deleted): best.pt must again be what the new run has to beat
@@ -325,6 +358,9 @@ def scst(cfg: ScstConfig, show_progress: bool = True) -> Path:
             stats["best"] = improved
             history.append(stats)
             if rank == 0:
+                if xe_copy is not None:
+                    atomic_write_bytes(out / "best_xe.pt", xe_copy)
+                    xe_copy = None
                 if improved:
                     checkpoint.save(out / "best.pt", payload(epoch, scores))
                 (out / "scst").mkdir(exist_ok=True)
