@@ -162,7 +162,7 @@ def write_bundle(ckpt_path: Path, folder: Path, opset: int = DEFAULT_OPSET, imag
     atomic_write_json(folder / "vocab.json", vocab.to_json())
     meta = _manifest(folder, ckpt, ckpt_path, ckpt_sha256, spec, vocab, opset, exporters, parity)
     manifest.validate_manifest(meta)  # what we write, we can read
-    atomic_write_json(folder / manifest.MANIFEST, meta)
+    atomic_write_json(folder / manifest.MANIFEST, manifest.sealed(meta))
     return meta
 
 
@@ -224,11 +224,38 @@ def _manifest(tmp: Path, ckpt: dict, ckpt_path: Path, ckpt_sha256: str, spec, vo
         "capcli_version": __version__,
         "dataset": {"spec": ckpt["train_config"]["dataset"], "images": ckpt["train_config"].get("images"),
                     "seed": ckpt["train_config"]["seed"], "fingerprint": ckpt.get("dataset_fingerprint")},
+        "training": _training(ckpt),
         "parity": parity,
         "source_checkpoint": str(ckpt_path.resolve()),
         "source_checkpoint_sha256": ckpt_sha256,
         "sha256": manifest.hash_files(tmp),
     }
+
+
+def _training(ckpt: dict) -> dict:
+    """capcli.json's record of how the exported weights were trained: the stage (cross-entropy, or scst after
+    `capcli scst`), and for each stage the epoch the weights are from, the epochs asked for and that epoch's
+    validation scores (greedy captions; the loss for cross-entropy)."""
+    tc, history = ckpt.get("train_config", {}), ckpt.get("history") or []
+    row = next((h for h in reversed(history) if h.get("best")), {})  # best.pt's epoch: the last one marked best
+    xe = {"epoch": row.get("epoch", ckpt["epoch"] + 1 if "epoch" in ckpt else None), "epochs": tc.get("epochs"),
+          "select_on": tc.get("select_on"), "val": _scores(row, ("loss", "bleu4", "cider"))}
+    training = {"stage": "scst" if ckpt.get("stage") == "scst" else "cross-entropy", "cross_entropy": xe}
+    if training["stage"] == "scst":
+        scst, config = ckpt.get("scst", {}), ckpt.get("scst", {}).get("config", {})
+        training["scst"] = {"epoch": scst.get("epoch"), **{k: config.get(k) for k in ("epochs", "baseline",
+                            "samples", "lr")}, "val": _scores(scst, ("bleu4", "cider", "distinct", "words"))}
+    return _without_none(training)
+
+
+def _scores(row: dict, names: tuple[str, ...]) -> dict:
+    return {n: round(float(row[f"val_{n}"]), 4) for n in names if isinstance(row.get(f"val_{n}"), int | float)}
+
+
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _io(names: GraphNames, size: int, config: dict, grid) -> dict:

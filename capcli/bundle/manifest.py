@@ -27,6 +27,7 @@ from capcli.bundle.schema import (
     FORMAT,
     GRAPH_FILES,
     MANIFEST,
+    MANIFEST_DIGEST_KEY,
     MAX_MANIFEST_BYTES,
     READABLE_VERSIONS,
     SPECIAL_TOKENS,
@@ -49,6 +50,50 @@ def sha256_file(path: Path) -> str:
 def hash_files(folder: Path) -> dict[str, str]:
     """sha256 of every file in the bundle except the manifest itself (graphs, external data, vocab)."""
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+# --- the manifest's own hash ------------------------------------------------------------------------------
+#
+# What a bundle's integrity covers: every file but capcli.json is hashed in capcli.json (`sha256`) and refused
+# when it differs; the graphs carry the vocabulary's and the source checkpoint's hashes, checked against
+# capcli.json. capcli.json itself is checked against its schema (what breaks it is refused) and carries
+# `manifest_sha256`, the sha256 of its content without that key as export (or quantize) wrote it: an edit within
+# the schema is the user's to make (a note, a model card), so it is used, with a warning, and `capcli inspect`
+# names it. The hash guards against accidents, not against someone who means to deceive: anyone can recompute it.
+
+
+def manifest_digest(meta: dict) -> str:
+    """sha256 of the manifest's content without its own hash: key order and whitespace do not count."""
+    content = {k: v for k, v in meta.items() if k != MANIFEST_DIGEST_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", errors="backslashreplace")).hexdigest()
+
+
+def sealed(meta: dict) -> dict:
+    """The manifest as export writes it: with its own hash."""
+    return {**meta, MANIFEST_DIGEST_KEY: manifest_digest(meta)}
+
+
+def manifest_state(meta: dict) -> str:
+    """'as exported', 'edited' (its content differs from what export wrote) or 'not recorded' (an older bundle)."""
+    if MANIFEST_DIGEST_KEY not in meta:
+        return "not recorded"
+    return "as exported" if meta[MANIFEST_DIGEST_KEY] == manifest_digest(meta) else "edited"
+
+
+_warned: set[str] = set()
+
+
+def warn_if_edited(folder: Path, meta: dict) -> None:
+    """One warning per bundle and process when capcli.json differs from what export wrote."""
+    key = os.path.realpath(folder)
+    if manifest_state(meta) != "edited" or key in _warned:
+        return
+    _warned.add(key)
+    from capcli.console import warn
+
+    warn(f"bundle '{folder}': {MANIFEST} differs from what capcli export wrote (edited since?); it is used as it "
+         f"is now (capcli inspect {folder} shows the bundle)")
 
 
 # --- reading a bundle ------------------------------------------------------------------------------------
@@ -76,6 +121,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
     validate_manifest(meta, str(path))
     if verify:
         verify_files(folder, meta)
+        warn_if_edited(folder, meta)
     return meta
 
 
@@ -162,3 +208,24 @@ def load_vocabulary(folder: Path, meta: dict):
         if meta["special_tokens"][token] != vocab.stoi[word]:
             raise ManifestError(f"bundle '{folder}': 'special_tokens.{token}' is not the id of {word} in {name}")
     return vocab
+
+
+def bundle_report(folder: str | Path) -> dict:
+    """What `capcli inspect` shows: the model, how it was trained, and each part of the bundle's integrity (each
+    hashed file: ok, altered, missing or unreadable; capcli.json: as exported, edited or not recorded)."""
+    folder = Path(folder)
+    meta = read_manifest(folder, verify=False)  # a manifest that breaks the schema is one error, as on load
+    files = {}
+    for name, expected in meta["sha256"].items():
+        try:
+            files[name] = "ok" if sha256_file(bundle_file(folder, name)) == expected else "altered"
+        except (CapcliError, OSError):
+            files[name] = "missing" if not os.path.lexists(folder / name) else "unreadable"
+    state = manifest_state(meta)
+    return {
+        "bundle": str(folder), "format_version": meta["format_version"], "backbone": meta["backbone"],
+        "decoder": meta.get("decoder_kind", "pooled"), "vocab_size": meta["vocab_size"], "max_len": meta["max_len"],
+        "created": meta.get("created"), "capcli_version": meta.get("capcli_version"),
+        "training": meta.get("training"), "quantization": (meta.get("quantization") or {}).get("mode"),
+        "files": files, "manifest": state, "intact": set(files.values()) <= {"ok"} and state != "edited",
+    }

@@ -242,7 +242,7 @@ def quantize_bundle(folder: Path, mode: str = "int8", calibration: int | None = 
     meta["quantization"] = quantization
     meta["sha256"] = manifest.hash_files(folder)
     manifest.validate_manifest(meta)
-    atomic_write_json(folder / manifest.MANIFEST, meta)
+    atomic_write_json(folder / manifest.MANIFEST, manifest.sealed(meta))
     return quantization
 
 

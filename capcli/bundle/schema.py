@@ -40,6 +40,7 @@ CONTEXT_INPUTS = {"pooled": (), "attention": ("grid", "projection")}
 # Keys of the metadata that export writes into both graphs, checked against the manifest on load.
 GRAPH_VOCAB_KEY = "capcli.vocab_sha256"
 GRAPH_MODEL_KEY = "capcli.source_checkpoint_sha256"
+MANIFEST_DIGEST_KEY = "manifest_sha256"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -161,6 +162,9 @@ SCHEMA: list[tuple[str, Check, bool]] = [
     ("grid.height", _integer(1, MAX_INPUT_SIZE), False),
     ("grid.width", _integer(1, MAX_INPUT_SIZE), False),
     ("grid.channels", _integer(1), False),
+    ("training", _mapping, False),  # how the weights were trained (capcli.bundle.export): absent before it was recorded
+    ("training.stage", _one_of("cross-entropy", "scst"), False),
+    (MANIFEST_DIGEST_KEY, _sha256, False),  # sha256 of the manifest without this key (capcli.bundle.manifest)
     ("quantization", _mapping, False),  # int8 bundles: how, and what the captions lost (capcli.bundle.quantize)
     ("quantization.mode", _one_of("int8", "float16"), False),
 ]

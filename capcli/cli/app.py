@@ -116,6 +116,7 @@ app.command("evaluate")(evaluate.evaluate_cmd)
 app.command()(demo.demo)
 app.command()(serve.serve)
 app.add_typer(data.app, name="data")
+app.command()(inspect.inspect)
 app.command()(doctor.doctor)
 app.command("env", hidden=True)(doctor.doctor)
 

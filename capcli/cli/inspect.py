@@ -1,4 +1,4 @@
-"""`capcli backbones`: what is installed."""
+"""`capcli backbones` and `capcli inspect BUNDLE`: what is installed, and what a bundle is."""
 
 from __future__ import annotations
 
@@ -57,3 +57,55 @@ def backbones(
     if not rows:
         err.print("no backbone plugins installed (or CAPCLI_PLUGINS excludes them all)")
     out.print(table)
+
+
+_MANIFEST_STATES = {
+    "as exported": "as export wrote it",
+    "edited": "capcli.json differs from what export wrote (edited since; it is used as it is, with a warning)",
+    "not recorded": "no hash of its own (exported before capcli recorded one)",
+}
+
+
+def inspect(
+    bundle: Annotated[str, typer.Argument(help="Bundle folder (made by capcli export).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Show a bundle: its model, how it was trained, and whether its files and capcli.json are as export wrote
+    them (exit 1 when not)."""
+    from capcli.bundle.manifest import bundle_report
+
+    report = bundle_report(bundle)
+    if as_json:
+        out.file.write(json.dumps(report, indent=2) + "\n")
+    else:
+        lines = [("bundle", report["bundle"]),
+                 ("model", f"{report['backbone']}, {report['decoder']} decoder, {report['vocab_size']} words, "
+                           f"captions of at most {report['max_len']} words"),
+                 ("training", _training_line(report["training"])),
+                 ("weights", f"{report['quantization']}-stored" if report["quantization"] else "float32"),
+                 ("exported", f"{report['created'] or 'at an unknown time'} by capcli {report['capcli_version']}"),
+                 ("files", ", ".join(f"{name} {state}" for name, state in report["files"].items())),
+                 ("capcli.json", _MANIFEST_STATES[report["manifest"]])]
+        width = max(len(name) for name, _ in lines)
+        for name, value in lines:
+            out.print(f"{name:<{width}}  {value}", markup=False, highlight=False, soft_wrap=True)
+    if not report["intact"]:
+        raise typer.Exit(1)
+
+
+def _training_line(training: dict | None) -> str:
+    if not training:
+        return "not recorded (exported before capcli recorded it)"
+
+    def stage(name: str, part: dict) -> str:
+        val = part.get("val", {})
+        scores = ", ".join(f"{label} {val[key]:g}" for key, label in (("cider", "CIDEr-D"), ("bleu4", "BLEU-4"),
+                                                                     ("loss", "loss")) if key in val)
+        return f"{name} epoch {part.get('epoch', '?')} of {part.get('epochs', '?')}" + (f" (val {scores})" if
+                                                                                          scores else "")
+
+    xe = stage("cross-entropy", training.get("cross_entropy", {}))
+    if training["stage"] != "scst":
+        return xe
+    scst = training.get("scst", {})
+    return f"{stage('scst', scst)}, {scst.get('baseline', '?')} baseline; from {xe}"
