@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from capcli.cli.options import MAX_BEAM, MAX_DECODE_BATCH, AllowUnk, BeamSize, NoRepeatNgram, Provider
-from capcli.console import err, error, json_line, out, plain, shown
+from capcli.console import err, error, json_line, out, plain, shown, warn
 
 
 def _temperature(value: float) -> float:
@@ -71,14 +71,14 @@ def caption(
 
     Exits 1 when any image could not be captioned (each is named on stderr; the others are captioned).
     """
-    from capcli.runtime.captioner import Guards, Sampling, caption_images, default_model, find_images, open_captioner
+    from capcli.runtime.captioner import Guards, Sampling, caption_images, find_images, open_captioner
 
     _check_beams(beams, beam_size, sample)
     if runtime not in ("onnx", "torch"):  # a bad option is named before anything is looked up
         from capcli.errors import CapcliError
 
         raise CapcliError(f"unknown runtime '{runtime}'; use onnx or torch")
-    model = model or str(default_model())
+    model = model or shipped_model()
     paths, problems = find_images(images)
     if html is not None:
         _check_html(html, [*paths, model], force)  # before any captioning
@@ -109,6 +109,22 @@ def caption(
         err.print(f"report: {shown(write_html(html, rows, title='capcli captions'))}")
     if problems or any(r.error for r in results):
         raise typer.Exit(1)
+
+
+def shipped_model() -> str:
+    """The shipped bundle, for a command given no model: named on stderr, and a broken ./exported/flickr8k passed
+    over is said (it would otherwise answer as another model, silently)."""
+    from pathlib import Path
+
+    from capcli.runtime.captioner import SHIPPED_MODEL, default_model
+
+    here = Path("exported") / SHIPPED_MODEL
+    model = default_model()
+    if model != here and (here.exists() or here.is_symlink()):
+        warn(f"{here} has no capcli.json (not a bundle, or a broken one): using {model.resolve()} instead")
+    err.print(f"model: {model.resolve()} (the shipped Flickr8k bundle; --model picks another)", markup=False,
+              highlight=False)
+    return str(model)
 
 
 def _check_html(html: str, inputs: list[str], force: bool) -> None:

@@ -71,10 +71,10 @@ def serve(
     """Serve a bundle over HTTP: POST /v1/captions, GET /v1/model, /healthz, a web page at / and docs at /docs."""
     import uvicorn
 
-    from capcli.runtime.captioner import default_model
+    from capcli.cli.caption import shipped_model
     from capcli.serve.app import ServeSettings, create_app
 
-    bundle = bundle or str(default_model())
+    bundle = bundle or shipped_model()
 
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_files=max_files,
                              max_image_bytes=int(max_image_mb * 1e6), max_queued=max_queued,
