@@ -307,7 +307,9 @@ def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettin
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UploadError)
-    async def _upload(_request, exc: UploadError):
+    async def _upload(request: Request, exc: UploadError):
+        if exc.log:
+            log.info("%s: %s: refused (%d)", _peer(request), exc.log, exc.status)
         return _error(exc.status, str(exc))
 
     @app.exception_handler(BodyTooLarge)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -21,10 +22,16 @@ from capcli.serve.limits import DecodeBudget, trim_after
 
 try:  # python-multipart >= 0.0.13 names its module python_multipart; older releases, multipart
     from python_multipart import MultipartParser
-    from python_multipart.multipart import parse_options_header
+    from python_multipart.multipart import MultipartState, parse_options_header
 except ImportError:  # pragma: no cover
     from multipart import MultipartParser
-    from multipart.multipart import parse_options_header
+    from multipart.multipart import MultipartState, parse_options_header
+
+# The parser logs each malformed body itself, as a bare line through logging's last resort (no level, no client);
+# the server logs its own line instead (capcli.serve.app), so the parser's go nowhere.
+for _name in ("python_multipart", "multipart"):
+    logging.getLogger(_name).addHandler(logging.NullHandler())
+    logging.getLogger(_name).propagate = False
 
 IMAGES_FIELD = "images"
 MAX_FIELDS = 64
@@ -33,11 +40,13 @@ MAX_PART_HEADER_BYTES = 8192
 
 
 class UploadError(Exception):
-    """A request the client must fix; `status` is the HTTP status to answer with."""
+    """A request the client must fix; `status` is the HTTP status to answer with, `log` what the server's log says
+    of it (None: nothing, as for most refusals, which only the client needs to know)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, log: str | None = None):
         super().__init__(message)
         self.status = status
+        self.log = log
 
 
 def display_name(filename: str | None, index: int) -> str:
@@ -110,14 +119,18 @@ class FormReader:
             self._parser.write(chunk)
         except UploadError:
             raise
-        except Exception:  # python-multipart's parse errors: the body is not the multipart it says it is
-            raise UploadError("invalid multipart/form-data body") from None
+        except Exception as exc:  # python-multipart's parse errors: the body is not the multipart it says it is
+            raise UploadError("invalid multipart/form-data body", log=f"invalid multipart/form-data body ({exc})") \
+                from None
 
     def finish(self) -> None:
+        message = "invalid multipart/form-data body (it ends before its closing boundary)"
         try:
             self._parser.finalize()
-        except Exception:
-            raise UploadError("invalid multipart/form-data body (it ends before its closing boundary)") from None
+        except Exception as exc:
+            raise UploadError(message, log=f"{message}: {exc}") from None
+        if self._parser.state not in (MultipartState.START, MultipartState.END):  # cut inside a part: no error
+            raise UploadError(message, log=message)
 
     def _begin(self) -> None:
         self._part = _Part()
