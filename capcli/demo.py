@@ -48,6 +48,30 @@ def earlier_run(run: Path, decoder: str) -> bool:
     return True
 
 
+def check_demo_bundle(bundle: Path, run: Path) -> None:
+    """The demo exports with --force into `bundle`: refused unless that is new, empty, or the demo's own earlier
+    bundle (made from `run`), so that `--out exported/flickr8k` or a folder of yours is never replaced."""
+    import json
+
+    from capcli.errors import CapcliError
+    from capcli.paths import BUNDLE_MANIFEST, is_bundle_folder, output_folder
+
+    output_folder(bundle)
+    if not bundle.exists() or (bundle.is_dir() and not any(bundle.iterdir())):
+        return
+    if not is_bundle_folder(bundle):
+        raise CapcliError(f"--out '{bundle}' exists and is not a bundle; the demo writes its bundle into a new folder "
+                          "or over its own earlier one: pass another --out")
+    try:
+        source = json.loads((bundle / BUNDLE_MANIFEST).read_text(encoding="utf-8")).get("source_checkpoint")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if not isinstance(source, str) or Path(source) != (run / "best.pt").resolve():
+        made_from = source if isinstance(source, str) else "another run"
+        raise CapcliError(f"--out '{bundle}' holds a bundle that is not this demo's (made from {made_from}); the demo "
+                          "replaces only its own: pass another --out")
+
+
 # Synthetic captions repeat 3-grams by design ("a small blue square and a small blue circle"), and the demo's
 # vocabulary holds every word: the repetition block meant for real photos would only break right captions.
 SYNTHETIC_GUARDS = Guards(suppress_unk=True, no_repeat_ngram=0)
@@ -71,6 +95,7 @@ def run_demo(n_images: int = IMAGES, epochs: int = EPOCHS, bundle: str = "export
     from capcli.train.loop import train
 
     decoders.check_kind(decoder)
+    check_demo_bundle(Path(bundle), Path(run))  # before any work: the demo replaces only its own bundle
     timings, started = {}, time.perf_counter()
     t = _step("1/5 synthetic dataset")
     data_dir = default_synthetic(n_images=n_images, seed=0)

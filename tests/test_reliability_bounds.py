@@ -114,3 +114,31 @@ def test_demo_bounds_its_images(monkeypatch):
 
     monkeypatch.setattr(capcli.demo, "run_demo", lambda **k: None)  # were it accepted, the demo would not run here
     refused(invoke("demo", "--images", "100000000"), "--images")
+
+
+# --- found beside item 2: the demo exports with --force -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", ["shipped", "notes"])
+def test_the_demo_never_replaces_a_bundle_or_folder_not_its_own(tmp_path, monkeypatch, out):
+    """`capcli demo --out exported/flickr8k` (or a folder of yours) was replaced at the demo's export step, which
+    forces; now it is refused before any work."""
+    import shutil
+
+    import capcli.data.synthetic
+    from capcli.errors import CapcliError
+
+    def generate(*args, **kwargs):
+        raise CapcliError("the demo started")
+
+    monkeypatch.setattr(capcli.data.synthetic, "default_synthetic", generate)
+    target = tmp_path / out
+    if out == "shipped":
+        shutil.copytree(SHIPPED, target)
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("mine\n")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    line = refused(invoke("demo", "--out", target, "--run", tmp_path / "run"), "--out")
+    assert "the demo started" not in line
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before

@@ -79,6 +79,17 @@ def test_force_never_replaces_a_set_holding_other_files(shapes):
     assert snapshot(shapes) == before
 
 
+def test_a_link_to_a_set_is_never_replaced_by_a_folder(shapes):
+    """Found trying item 1's fix: with --force, OUT a symbolic link to a set was replaced by a new folder (the link
+    gone, its set untouched); the same set through the link is still a no-op."""
+    link = shapes.parent / "link"
+    link.symlink_to(shapes)
+    line = one_line_error(invoke("data", "synth", link, "--images", "5", "--size", "48", "--force"))
+    assert "symbolic link" in line, line
+    assert link.is_symlink() and len(list((shapes / "Images").iterdir())) == 12
+    assert invoke("data", "synth", link, "--images", "12", "--size", "48").exit_code == 0
+
+
 # --- item 3: bounds, and the staging folders of killed runs ----------------------------------------------------
 
 

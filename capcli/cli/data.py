@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,7 +77,11 @@ def _same_set_there(out_dir: Path, images: int, seed: int, size: int, force: boo
     from capcli.paths import output_folder
 
     output_folder(out_dir, "OUT")
+    link = (f"{out_dir} is a symbolic link (to {os.readlink(out_dir)}): the set would replace the link, not what it "
+            "points to; name that folder itself") if out_dir.is_symlink() else None
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        if link:
+            raise CapcliError(link)
         return False
     meta = synthetic_set(out_dir)
     if meta is None:
@@ -90,6 +95,8 @@ def _same_set_there(out_dir: Path, images: int, seed: int, size: int, force: boo
     complete = (out_dir / "captions.txt").is_file() and images_there == meta.get("n_images")
     if complete and (meta.get("n_images"), meta.get("seed"), meta.get("size")) == (images, seed, size):
         return True
+    if link:
+        raise CapcliError(link)
     if not force:
         raise CapcliError(f"{out_dir} already holds a synthetic set of {meta.get('n_images')} images (seed "
                           f"{meta.get('seed')}, size {meta.get('size')}); use --force to replace it (runs trained "

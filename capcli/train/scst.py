@@ -147,7 +147,7 @@ def run_dataset(cfg: ScstConfig, xe: dict):
     try:
         ds = load_dataset(spec, images=images, seed=tc.get("seed", 0))
     except CapcliError as exc:
-        if cfg.dataset is not None:
+        if cfg.dataset is not None or cfg.images is not None:
             raise
         raise CapcliError(f"the run's dataset cannot be read from here ({exc}); pass --dataset (and --images) "
                           "where it is now") from None
