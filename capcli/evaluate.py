@@ -98,6 +98,10 @@ def evaluate(
         images = defaults.get("images")
     seed = defaults.get("seed", 0) if seed is None else seed
     ds = load_dataset(dataset, images=images, seed=seed)
+    trained_on = defaults.get("fingerprint")
+    if dataset == defaults.get("spec") and trained_on and ds.fingerprint() != trained_on:
+        warn(f"{dataset} is not the data the model was trained on (its captions changed since: fingerprint "
+             f"{ds.fingerprint()}, the model's {trained_on}); its {split} split is scored as it is now")
     if split not in ds.splits or not ds.splits[split]:
         raise CapcliError(f"dataset '{ds.name}' has no '{split}' split (has: {', '.join(ds.splits)})")
     names = ds.splits[split][:limit] if limit else ds.splits[split]

@@ -122,3 +122,28 @@ def test_synth_removes_the_staging_folders_of_killed_runs(tmp_path):
     result = invoke("data", "synth", tmp_path / "hs", "--images", "3", "--size", "48")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, "hs"])
+
+
+def test_evaluate_says_when_the_models_dataset_was_replaced_since(tmp_path, small_synthetic):
+    """What item 1 led to: after the set was replaced, `capcli evaluate BUNDLE` silently scored the new set's test
+    split (1 image) as the model's own."""
+    from tiny_models import tiny_checkpoint, tiny_plugin
+
+    from capcli.bundle.build import export
+    from capcli.data.readers import load_dataset
+    from capcli.model import checkpoint
+
+    data = build(tmp_path / "shapes", n_images=40, seed=0, size=48)
+    with tiny_plugin(tmp_path / "plugin"):
+        run = tiny_checkpoint(tmp_path / "run", data)
+        ckpt = checkpoint.load(run / "best.pt")
+        ckpt["dataset_fingerprint"] = load_dataset(str(data)).fingerprint()
+        checkpoint.save(run / "best.pt", ckpt)
+        bundle = export(run, tmp_path / "bundle", exporter="torchscript")
+        quiet = invoke("evaluate", bundle, "--limit", "2", "--out", tmp_path / "e.json")
+        assert quiet.exit_code == 0 and "warning" not in quiet.stderr, quiet.output
+        assert invoke("data", "synth", data, "--images", "10", "--size", "48", "--force").exit_code == 0
+        result = invoke("evaluate", bundle, "--limit", "2", "--out", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "not the data the model was trained on" in warnings[0], result.stderr
