@@ -111,6 +111,12 @@ def test_synth_sizes_are_bounded(tmp_path, option, value):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_negative_seed_is_one_line(tmp_path):
+    """Found beside item 3: --seed -1 was a numpy traceback ('expected non-negative integer')."""
+    line = one_line_error(invoke("data", "synth", tmp_path / "s", "--images", "2", "--seed", "-1"), code=2)
+    assert "--seed" in line and list(tmp_path.iterdir()) == []
+
+
 def test_synth_removes_the_staging_folders_of_killed_runs(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = [tmp_path / f".hs.{dead.stdout.strip()}.x1y2.tmp", tmp_path / ".hs.k3j_zq.tmp"]  # ours, and the old naming

@@ -36,7 +36,9 @@ def synth(
     images: Annotated[
         int, typer.Option("--images", min=1, max=MAX_SYNTH_IMAGES, help="Number of images.")
     ] = 1500,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same files.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Random seed (0 or more): the same seed gives the same files.")
+    ] = 0,
     size: Annotated[
         int, typer.Option("--size", min=32, max=MAX_SYNTH_SIZE, help="Image width and height in pixels.")
     ] = 224,
