@@ -186,16 +186,17 @@ def test_evaluate_out_never_writes_over_protected_files(world, name, spelling, f
                   force, link_may_be_replaced=force and spelling.via == "file link" and name not in EVALUATE_READS)
 
 
-@pytest.mark.parametrize("name", ["run", "run/scst", "bundle", *FILE_TARGETS])
+@pytest.mark.parametrize("name", ["run", "run/scst", "bundle", "photo", *FILE_TARGETS])
 @EACH
 @given(spelling=spellings, force=st.booleans())
 def test_export_out_never_writes_over_protected_files(world, name, spelling, force):
-    """The run's folder, its scst/ folder and their files, the bundle's files; the bundle folder itself only
-    without --force (with it, replacing that bundle is what --force is for)."""
+    """The run's folder, its scst/ folder and their files, the bundle's files, the parity image it reads
+    (--images); the bundle folder itself only without --force (with it, replacing that bundle is what --force is
+    for)."""
     assume(not (name == "bundle" and force))
     out = spelling.write(target(world, name), world)
-    check_refused(world, ["export", world.run, "--exporter", "torchscript", "--out", out], out, force,
-                  link_may_be_replaced=False)
+    check_refused(world, ["export", world.run, "--exporter", "torchscript", "--images", world.photo, "--images",
+                          world.photo, "--out", out], out, force, link_may_be_replaced=False)
 
 
 @pytest.mark.parametrize("name", ["run", "run/scst", "bundle", "data", *FILE_TARGETS])
