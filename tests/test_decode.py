@@ -503,7 +503,7 @@ def test_beam_candidates_are_the_k_best_ties_to_the_lower_index() -> None:
         k = int(rng.integers(1, 6))
         scores = rng.integers(-4, 1, size=(3, 7)).astype(np.float64)  # few values: ties everywhere
         scores[rng.random(scores.shape) < 0.4] = -np.inf
-        index, value = decode._top_k(scores, k)
+        index, value = decode.beam.top_k(scores, k)
         for row in range(3):
             order = np.argsort(-scores[row], kind="stable")
             want = [int(i) for i in order[:k] if scores[row, i] > -np.inf]
