@@ -17,7 +17,7 @@ def features(
     dataset: DatasetSpec = "synthetic",
     images: ImagesDir = None,
     weights: Weights = "imagenet",
-    batch_size: Annotated[int, typer.Option(min=1, max=MAX_FEATURE_BATCH, help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(max=MAX_FEATURE_BATCH, help="Images per forward pass.")] = 32,
     workers: Annotated[
         int | None, typer.Option(help="DataLoader workers (default: half the cores on CPU, up to 8 with CUDA).")
     ] = None,
