@@ -1,16 +1,21 @@
 """Real photographs: the whole pipeline on Flickr8k, capcli's recipe beside the defaults before it, scored on val.
 
 Each row trains on the official train split (features extracted once per backbone, then cached), exports a
-bundle, and captions the 1,000 val photos with ONNX Runtime, beam 3, scored with pycocoevalcap (PTB
-tokenizer; METEOR needs java). Rows:
+bundle, and captions the 1,000 val photos with ONNX Runtime, beam 3 (the classifier's guidance off unless
+--guidance), scored with pycocoevalcap (PTB tokenizer; METEOR needs java). Rows:
 - recipe: `capcli train`'s defaults (the attention decoder over efficientnet_lite0's 7x7 grid);
 - before: the defaults this recipe replaced (fp32, batch 64, best epoch and early stopping on val loss);
 - pooled: the recipe with the pooled decoder (one vector per image);
 - noreg: the recipe without the doubly stochastic attention regulariser (--attention-reg 0);
+- flip: the recipe with flip augmentation (--flip: about half the training photos mirrored each epoch);
+- finetune: the recipe with the backbone's last stage and conv_head trained too (--finetune, split blocks.6);
+- finetune-b5: the same from split blocks.5 (the last two stages);
+- finetune-flip: --finetune and --flip together (finetune-b5-flip: from blocks.5);
 - scst: the recipe's run fine-tuned with self-critical training (`capcli scst`), in a copy of its folder;
 - scst-mean: the same with the mean reward of the image's other samples as the baseline (not its greedy caption);
 - scst-mean-long: scst-mean at twice the learning rate (1e-4) for 8 epochs;
 - scst-mean-k10: the same with 10 captions sampled per image, for 5 epochs.
+SCST rows start from the run of --scst-base (default: recipe), in a folder named ROW or ROW@BASE.
 Runs live in --work and are resumed when the benchmark is run again; a finished row is only scored.
 
     python benchmarks/bench_flickr8k.py                          # every row, ../shared/data/flickr8k
@@ -19,6 +24,10 @@ Runs live in --work and are resumed when the benchmark is run again; a finished 
 
 --speed times training steps of the recipe and of the defaults before it on real Flickr8k captions and
 grids (alternated, median of rounds) beside the machine's fp32 and bf16 matmul peaks measured in the same run.
+--speed-finetune times the recipe's steps frozen (grid rows) against fine-tuning from split blocks.6 and blocks.5
+(trunk rows through the trainable tail), alternated in one run: what an epoch costs against a frozen one.
+
+    python benchmarks/bench_flickr8k.py --speed-finetune
 """
 
 from __future__ import annotations
@@ -38,7 +47,10 @@ DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "flickr8k"
 # The defaults before the recipe, as `capcli train` had them.
 BEFORE = {"batch_size": 64, "lr": 1e-3, "lr_keep_epochs": 3, "lr_decay": 0.9, "patience": 3, "dropout": 0.3,
           "select_on": "loss", "val_sample": 200, "precision": "fp32", "label_smoothing": 0.0}
-ROWS = {"recipe": {}, "before": BEFORE, "pooled": {"decoder": "pooled"}, "noreg": {"attention_reg": 0.0}}
+ROWS = {"recipe": {}, "before": BEFORE, "pooled": {"decoder": "pooled"}, "noreg": {"attention_reg": 0.0},
+        "flip": {"flip": True}, "finetune": {"finetune": True}, "finetune-b5": {"finetune": True, "split": "blocks.5"},
+        "finetune-flip": {"finetune": True, "flip": True},
+        "finetune-b5-flip": {"finetune": True, "split": "blocks.5", "flip": True}}
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 
 
@@ -75,7 +87,7 @@ SCST_ROWS = {"scst": {"baseline": "greedy"}, "scst-mean": {"baseline": "mean"},
 def scst_row(name: str, recipe_run: Path, args) -> tuple[Path, float]:
     from capcli.train.scst import ScstConfig, scst
 
-    out = Path(args.work) / name
+    out = Path(args.work) / (name if args.scst_base == "recipe" else f"{name}@{args.scst_base}")
     timing = out / "bench-train.json"
     if timing.is_file():
         return out, json.loads(timing.read_text())["train_wall_s"]
@@ -94,12 +106,15 @@ def score_row(run: Path, args) -> dict:
     """Export (once) and score the val split, beam 3, with ONNX Runtime."""
     from capcli.bundle.build import export
     from capcli.evaluate import evaluate
+    from capcli.runtime.captioner import DEFAULT_GUIDANCE, NO_GUIDANCE
 
     bundle = run / "bundle"
     if not (bundle / "capcli.json").is_file():
         export(run, bundle, force=True)
+    guidance = DEFAULT_GUIDANCE if args.guidance else NO_GUIDANCE
     report = evaluate(bundle, str(args.dataset), split="val", beam_size=args.beam, provider="cpu",
-                      out=run / f"bench-val-beam{args.beam}.json", force=True, show_progress=False)
+                      out=run / f"bench-val-beam{args.beam}{'-guided' if args.guidance else ''}.json", force=True,
+                      show_progress=False, guidance=guidance)
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     captions = [c["caption"] for c in report["captions"]]
     return {
@@ -245,6 +260,68 @@ def speed(args) -> None:
               f"({rate / base:.2f}x before) = {100 * rate * flop / 1e9 / fp32:.0f} % of the fp32 matmul peak")
 
 
+def speed_finetune(args) -> None:
+    """Training tokens/s frozen against fine-tuning the tail from each split point, alternated, same run."""
+    import torch
+
+    from capcli.data.readers import load_dataset
+    from capcli.data.text import build_vocabulary
+    from capcli.devices import matmul_dtype
+    from capcli.features.cache import load_features, trunk_output
+    from capcli.features.extraction import extract
+    from capcli.model import decoders
+    from capcli.model.finetune import FineTuned, build_tail
+    from capcli.registry import get_backbone
+    from capcli.train.batches import batches_for_rank, feature_source
+    from capcli.train.captions import encode_split
+    from capcli.train.config import TrainConfig
+    from capcli.train.loop import caption_loss, decoder_config, trim
+
+    backbone = get_backbone(args.backbone).with_resize_mode("squash")  # Flickr8k's copies are square
+    ds = load_dataset(str(args.dataset))
+    vocab = build_vocabulary(ds, 5)
+    cfg = TrainConfig(backbone=args.backbone, decoder="attention")
+    dtype = matmul_dtype(cfg.precision, "cpu")
+    setups = {}
+    for name, split in (("frozen", None), ("finetune blocks.6", "blocks.6"), ("finetune blocks.5", "blocks.5")):
+        output = trunk_output(split) if split else "grid"
+        extract(backbone, ds, "imagenet", 32, None, "cpu", False, output=output)
+        cache = load_features(backbone, "imagenet", ds, output)
+        table = encode_split(ds, "train", vocab, cache, 20)
+        torch.manual_seed(0)
+        decoder = decoders.build("attention", decoder_config(cfg, backbone.require_grid().channels, len(vocab),
+                                                             vocab.pad_id))
+        model, groups = decoder, [{"params": decoder.parameters(), "lr": cfg.lr}]
+        if split:
+            tail = build_tail(backbone, "imagenet", split)
+            model = FineTuned(tail, decoder)
+            groups.append({"params": tail.parameters(), "lr": cfg.backbone_lr})
+        opt = torch.optim.Adam(groups, lr=cfg.lr)
+        batches = batches_for_rank(len(table.rows), cfg.batch_size, 0, 0, 1, table.rows)
+        setups[name] = (model, opt, batches, feature_source(cache, output, "cpu"), table)
+    rates: dict[str, list[float]] = {name: [] for name in setups}
+    for round_ in range(args.rounds):
+        for name, (model, opt, batches, feats, table) in setups.items():
+            model.train()
+            tokens, start = 0, time.perf_counter()
+            for idx, inputs in feats.batches(table.rows, batches[round_ * args.steps : (round_ + 1) * args.steps]):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+                    loss, n, _ = caption_loss(model, inputs, trim(table.tokens[idx], vocab.pad_id), vocab.pad_id,
+                                              cfg.attention_reg, cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+                opt.step()
+                tokens += n
+            rates[name].append(tokens / (time.perf_counter() - start))
+    print(f"Flickr8k train captions, {torch.get_num_threads()} torch threads, {args.rounds} rounds of {args.steps} "
+          f"steps alternated, median tokens/s")
+    frozen = statistics.median(rates["frozen"])
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        print(f"{name:>18}: {rate:8,.0f} tok/s; a training epoch costs {frozen / rate:.2f}x a frozen one")
+
+
 def matmul_peak(dtype, n: int = 2048, reps: int = 8) -> float:
     import torch
 
@@ -274,9 +351,13 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--scst-epochs", type=int, default=4)
+    ap.add_argument("--scst-base", default="recipe", choices=sorted(ROWS), help="the row SCST rows start from")
     ap.add_argument("--beam", type=int, default=3)
+    ap.add_argument("--guidance", action="store_true", help="score with the classifier's guidance on (default: "
+                    "off, the model alone; benchmarks/bench_guidance.py compares the two)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--speed", action="store_true", help="training tokens/s only (see above)")
+    ap.add_argument("--speed-finetune", action="store_true", help="tokens/s frozen against fine-tuned (see above)")
     ap.add_argument("--ship", help="write this row's model to exported/flickr8k (the bundle capcli ships)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=15)
@@ -286,6 +367,9 @@ def main() -> None:
     if args.speed:
         speed(args)
         return
+    if args.speed_finetune:
+        speed_finetune(args)
+        return
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in (*ROWS, *SCST_ROWS)]
     if unknown:
@@ -293,7 +377,7 @@ def main() -> None:
     results = {}
     for name in rows:
         if name in SCST_ROWS:
-            run, wall = scst_row(name, train_row("recipe", ROWS["recipe"], args)[0], args)
+            run, wall = scst_row(name, train_row(args.scst_base, ROWS[args.scst_base], args)[0], args)
         else:
             run, wall = train_row(name, ROWS[name], args)
         results[name] = {**score_row(run, args), "train_wall_s": wall}

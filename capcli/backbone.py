@@ -6,14 +6,17 @@ A plugin registers one `Backbone` per entry point in the group `capcli.backbones
 
 A backbone may also declare a spatial feature `Grid` (channels x height x width, taken before
 pooling, at its own input size) with a `grid_builder`: the attention decoder attends over it. A
-backbone without one still serves the pooled decoder.
+backbone without one still serves the pooled decoder. Two more optional parts build on the grid:
+`splits`, points that cut the grid extractor into a frozen trunk and a trainable tail (`capcli train
+--finetune` caches the trunk's output once and trains the tail with the decoder), and `classifier`, the
+backbone's own ImageNet head on the grid (its classes guide captions of photos far from the training data).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,22 +28,28 @@ if TYPE_CHECKING:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_CHOICES = "'imagenet', 'none' or a path to a state dict"
+# How a photo becomes the square the backbone sees. crop: the shorter side to `resize`, then the centre crop
+# (ImageNet's evaluation framing); squash: both sides to `resize` (the aspect ratio is not kept), then the
+# centre crop, which frames any photo as a square copy made by squashing it was framed.
+RESIZE_MODES = ("crop", "squash")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the backbone's input: resize the shorter side, centre-crop, normalise."""
+    """How an image becomes the backbone's input: resize (`resize_mode`), centre-crop, normalise."""
 
     input_size: int
     resize: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"  # "bilinear" | "bicubic"
+    resize_mode: str = "crop"  # one of RESIZE_MODES
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "input_size": self.input_size,
             "resize": self.resize,
+            "resize_mode": self.resize_mode,
             "crop": "center",
             "mean": list(self.mean),
             "std": list(self.std),
@@ -55,7 +64,14 @@ class Preprocessing:
             mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
             std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
             interpolation=str(d.get("interpolation", "bilinear")),
+            resize_mode=str(d.get("resize_mode", "crop")),  # recorded since resize modes exist; crop before
         )
+
+    def with_resize_mode(self, mode: str) -> Preprocessing:
+        """The same preprocessing with another resize mode; one clear error for an unknown one."""
+        if mode not in RESIZE_MODES:
+            raise CapcliError(f"unknown resize mode '{mode}'; one of {', '.join(RESIZE_MODES)}")
+        return replace(self, resize_mode=mode)
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,34 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class Split:
+    """A cut inside the grid extractor: a frozen trunk (images [B,3,S,S] -> `trunk` [B,C,H,W] at the input size)
+    and a trainable tail (the trunk's output -> the backbone's grid), so that tail(trunk(x)) == grid(x).
+
+    `builder(weights)` returns (trunk, tail) in eval mode, built from one model. The name says where the cut is
+    (a module path of the plugin's model, e.g. 'blocks.6'); the first split a backbone lists is its default.
+    """
+
+    name: str
+    trunk: Grid
+    builder: Callable[[str], tuple[torch.nn.Module, torch.nn.Module]] = field(repr=False)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """The backbone's own classification head on its grid: [B, C, H, W] -> logits [B, classes].
+
+    `labels` names the label set, whose class ids, names and caption words capcli ships ('imagenet-1k': the
+    1,000 ImageNet classes in the usual order, see `capcli.guidance`).
+    """
+
+    labels: str
+    classes: int
+    builder: Callable[[str], torch.nn.Module] = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Backbone:
     """A CNN that maps a normalised image batch [B,3,S,S] to pooled features [B,D].
 
@@ -98,6 +142,8 @@ class Backbone:
     description: str = ""
     grid: Grid | None = None
     grid_builder: Callable[[str], torch.nn.Module] | None = field(default=None, repr=False)
+    splits: tuple[Split, ...] = ()
+    classifier: Classifier | None = None
 
     @property
     def input_size(self) -> int:
@@ -125,6 +171,36 @@ class Backbone:
         assert self.grid is not None
         return self.grid
 
+    def with_resize_mode(self, mode: str) -> Backbone:
+        """This backbone seeing photos with another resize mode (`RESIZE_MODES`)."""
+        return replace(self, preprocessing=self.preprocessing.with_resize_mode(mode))
+
+    def split(self, name: str | None = None) -> Split:
+        """The named split point (None: the default, the first listed), or one clear error naming the choices."""
+        self.require_grid()
+        if not self.splits:
+            raise CapcliError(f"backbone '{self.name}' declares no split point, so its layers cannot be "
+                              "fine-tuned; train without --finetune")
+        if name is None:
+            return self.splits[0]
+        for split in self.splits:
+            if split.name == name:
+                return split
+        raise CapcliError(f"backbone '{self.name}' has no split '{name}'; available: "
+                          + ", ".join(s.name for s in self.splits))
+
+    def build_split(self, weights: str = "imagenet", name: str | None = None) -> tuple[torch.nn.Module, ...]:
+        """(trunk, tail) of the named split, both in eval mode, from one model holding `weights`."""
+        split = self.split(name)
+        trunk, tail = _seeded_build(split.builder, weights, module=False)
+        return trunk.eval(), tail.eval()
+
+    def build_classifier(self, weights: str = "imagenet") -> torch.nn.Module:
+        """The classification head in eval mode: grid [B,C,H,W] -> logits [B, classes]."""
+        if self.classifier is None:
+            raise CapcliError(f"backbone '{self.name}' declares no classifier")
+        return _seeded_build(self.classifier.builder, weights)
+
     def build(self, weights: str = "imagenet") -> torch.nn.Module:
         """The feature extractor in eval mode; weights: 'imagenet', 'none' (seeded random) or a path."""
         return _seeded_build(self.builder, weights)
@@ -136,7 +212,7 @@ class Backbone:
         return _seeded_build(self.grid_builder, weights)
 
 
-def _seeded_build(builder: Callable[[str], torch.nn.Module], weights: str) -> torch.nn.Module:
+def _seeded_build(builder: Callable[[str], Any], weights: str, module: bool = True) -> Any:
     import torch
 
     check_weights_arg(weights)
@@ -145,10 +221,10 @@ def _seeded_build(builder: Callable[[str], torch.nn.Module], weights: str) -> to
         # pooled and grid modules of one backbone get the same random weights.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            module = builder(weights)
+            built = builder(weights)
     else:
-        module = builder(weights)
-    return module.eval()
+        built = builder(weights)
+    return built.eval() if module else built
 
 
 def check_weights_arg(weights: str) -> None:

@@ -10,8 +10,16 @@ from pathlib import Path
 
 from capcli.console import progress, warn
 from capcli.errors import CapcliError
+from capcli.guidance import GuideOptions
 from capcli.paths import atomic_write_json, is_bundle_folder, protected_output, same_file_as_any, starts_with
-from capcli.runtime.captioner import DEFAULT_GUARDS, MAX_BEAM, Guards, caption_images, open_captioner
+from capcli.runtime.captioner import (
+    DEFAULT_GUARDS,
+    DEFAULT_GUIDANCE,
+    MAX_BEAM,
+    Guards,
+    caption_images,
+    open_captioner,
+)
 
 
 def model_dataset_defaults(model: str | Path) -> dict:
@@ -73,6 +81,7 @@ def evaluate(
     meteor: bool | None = None,
     force: bool = False,
     guards: Guards = DEFAULT_GUARDS,
+    guidance: GuideOptions = DEFAULT_GUIDANCE,
 ) -> dict:
     """Caption `split` of the dataset and score it; writes captions and scores to `out` (JSON).
 
@@ -122,21 +131,25 @@ def evaluate(
     with progress(transient=not show_progress) as bar:
         task = bar.add_task(f"caption {split}", total=len(names), info="")
         results = caption_images(captioner, [ds.image_path(n) for n in names], beam_size=beam_size,
-                                 batch_size=batch_size, on_result=lambda r: bar.advance(task), guards=guards)
+                                 batch_size=batch_size, on_result=lambda r: bar.advance(task), guards=guards,
+                                 guidance=guidance)
     by_path = {str(ds.image_path(n)): n for n in names}
     candidates = {by_path[r.image]: r.caption for r in results if r.error is None}
     failed = {by_path[r.image]: r.error for r in results if r.error is not None}
+    classes = {by_path[r.image]: r.classes.to_json() for r in results if r.classes is not None}
     if not candidates:
         raise CapcliError(f"no image of the {split} split could be captioned")
     scores = score_captions({n: ds.captions[n] for n in candidates}, candidates, meteor=meteor)
     report = {
         "model": str(model), "runtime": runtime, "dataset": ds.name, "split": split, "beam_size": beam_size,
         "guards": {"suppress_unk": guards.suppress_unk, "no_repeat_ngram": guards.no_repeat_ngram},
+        "guidance": guidance.enabled and getattr(captioner, "classifier", None) is not None,
         "images": len(candidates), "split_images": len(ds.splits[split]), "limit": limit,
         "missing": missing, "failed": failed, "scores": scores.values, "tokenizer": scores.tokenizer,
         "skipped": scores.skipped,
         "colour_shape_correct": synthetic_correctness(ds, candidates),
-        "captions": [{"image": n, "caption": candidates[n], "references": ds.captions[n]} for n in candidates],
+        "captions": [{"image": n, "caption": candidates[n], "references": ds.captions[n],
+                      **({"classes": classes[n]} if n in classes else {})} for n in candidates],
     }
     atomic_write_json(out, report)
     report["out"] = str(out)

@@ -175,8 +175,8 @@ RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.B
 
 
 def to_pixels(img: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Resize the shorter side and centre-crop: uint8 [S, S, 3], the pixels before normalisation;
-    ImageError if too costly.
+    """Resize (the shorter side to `prep.resize`, or with resize_mode 'squash' both sides) and centre-crop:
+    uint8 [S, S, 3], the pixels before normalisation; ImageError if too costly.
 
     Only the crop is resampled (Pillow's `box`: the crop's area of the source, same scale and filter), which
     halves the cost of the usual resize-everything-then-crop when the resize enlarges. The pixels are those of
@@ -185,8 +185,11 @@ def to_pixels(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     order, rounding in between differently)."""
     w, h = img.size
     check_size(w, h)
-    scale = prep.resize / min(w, h)
-    new_w, new_h = max(prep.input_size, round(w * scale)), max(prep.input_size, round(h * scale))
+    if prep.resize_mode == "squash":
+        new_w = new_h = prep.resize
+    else:
+        scale = prep.resize / min(w, h)
+        new_w, new_h = max(prep.input_size, round(w * scale)), max(prep.input_size, round(h * scale))
     size = prep.input_size
     left, top = (new_w - size) // 2, (new_h - size) // 2
     sx, sy = new_w / w, new_h / h  # the scale actually applied, after rounding to whole pixels
@@ -205,7 +208,7 @@ def normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 
 def to_input(img: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Resize the shorter side, centre-crop and normalise: float32 [3, S, S]; ImageError if too costly."""
+    """Resize (as `to_pixels`), centre-crop and normalise: float32 [3, S, S]; ImageError if too costly."""
     return normalise(to_pixels(img, prep), prep)
 
 
@@ -222,6 +225,40 @@ def load_pixels(path: str | Path, prep: Preprocessing) -> np.ndarray:
         return to_pixels(img, prep)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None
+
+
+RESIZE_SAMPLE = 200  # training images whose headers decide an automatic resize mode
+
+
+def auto_resize_mode(paths: list[Path], sample: int = RESIZE_SAMPLE) -> tuple[str, str]:
+    """The resize mode for a model trained on `paths`, and why: 'squash' when every image looked at (up to
+    `sample`, spread evenly, headers only) is square, 'crop' otherwise.
+
+    Square training photos are almost always copies squashed (or cropped) to a square ahead of training; with
+    'squash' a user's photo of any shape is framed as such a copy would frame it, whole, and on square images
+    the two modes give the same pixels, so the choice changes nothing the model was trained on. Photos of
+    varied shapes keep ImageNet's framing ('crop'), which their features were then extracted with."""
+    step = max(1, len(paths) // sample)
+    sizes = []
+    for path in paths[::step][:sample]:
+        try:
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except (OSError, ValueError, SyntaxError):
+            continue  # unreadable images are reported by the extraction
+    if sizes and all(w == h for w, h in sizes):
+        return "squash", f"all {len(sizes)} training images looked at are square"
+    square = sum(w == h for w, h in sizes)
+    return "crop", f"{square} of {len(sizes)} training images looked at are square"
+
+
+def resize_mode_for(requested: str, dataset) -> tuple[str, str | None]:
+    """The resize mode to train `dataset` with: `requested`, or for 'auto' the choice from its training images,
+    with a note saying why (None when it was given)."""
+    if requested != "auto":
+        return requested, None
+    mode, why = auto_resize_mode([dataset.image_path(name) for name in dataset.splits.get("train", [])])
+    return mode, f"resize mode {mode} ({why}; --resize-mode sets it)"
 
 
 def expand_image_args(args: list[str]) -> tuple[list[Path], list[str]]:

@@ -50,7 +50,8 @@ def write_html(
     """Write the captions report to `path` (atomically) and return the path.
 
     Each row: "image" (path), "caption", "score" (or None), and optionally "references" (list of str),
-    "alternatives" (list of [caption, score]), "error" (str), and for word-by-word attention heatmaps
+    "alternatives" (list of [caption, score]), "error" (str), "classes" (what the classifier saw, as
+    `capcli.guidance.ImageClasses.to_json`), and for word-by-word attention heatmaps
     "attention" (list of (word, alpha [H*W])) with "grid" ((H, W)) and "preprocessing" (the model's).
     """
     path = Path(path)
@@ -108,9 +109,22 @@ def _caption_html(row: dict) -> str:
     ]
     if alternatives:
         parts.append(_list_html("ol", alternatives))
+    if row.get("classes"):
+        parts.append(_classes_html(row["classes"]))
     if row.get("attention"):
         parts.append(_attention_html(row))
     return "".join(parts)
+
+
+def _classes_html(seen: dict) -> str:
+    """What the backbone's classifier saw (capcli.guidance): its top classes, the words steered to or held back."""
+    classes = ", ".join(f"{_esc(c['name'])} {100 * float(c['p']):.0f} %" for c in seen.get("classes", []))
+    parts = [f"classifier: {classes}"] if classes else []
+    if seen.get("boosted"):
+        parts.append("steered to: " + ", ".join(_esc(w) for w in seen["boosted"]))
+    if seen.get("ruled_out"):
+        parts.append("held back: " + ", ".join(_esc(w) for w in seen["ruled_out"]))
+    return f'<div class="classes note">{"; ".join(parts)}</div>' if parts else ""
 
 
 def _attention_html(row: dict) -> str:

@@ -11,7 +11,12 @@ def print_training(run_dir) -> None:
     from rich.table import Table
 
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    table = Table(title=f"training {run_dir}")
+    config = run_dir / "config.json"
+    train = json.loads(config.read_text()).get("train", {}) if config.is_file() else {}
+    how = [f"photos framed by {train['resize_mode']}"] if train.get("resize_mode") else []
+    how += [f"tail from {train['split']} fine-tuned"] if train.get("finetune") else []
+    how += ["flipped photos"] if train.get("flip") else []
+    table = Table(title=f"training {run_dir}" + (f" ({', '.join(how)})" if how else ""))
     for col in ("epoch", "train loss", "val loss", "val BLEU-4", "val CIDEr-D", "tokens/s", "lr", ""):
         table.add_column(col, justify="right")
     for h in history:

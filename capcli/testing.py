@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from capcli.backbone import Backbone, Grid
+from capcli.backbone import RESIZE_MODES, Backbone, Classifier, Grid, Split
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,10 @@ def check_backbone(
     - eval determinism: two runs on the same batch agree; the forward runs without autograd;
     - when the backbone declares a grid: `build_grid(weights)` passes the same checks with a grid
       [B, C, H, W] as output; C is the declared channels, and at the backbone's input_size H x W is
-      the declared grid (at another size only H, W >= 1 is checked).
+      the declared grid (at another size only H, W >= 1 is checked);
+    - for each declared split: trunk and tail in eval mode, the trunk's output is the declared trunk grid at the
+      input size, tail(trunk(x)) equals the grid (within atol), and the tail has parameters to train;
+    - when the backbone declares a classifier: on the grid it gives [B, classes] finite logits.
 
     `image_size` defaults to the backbone's input_size. A smaller one keeps tests fast where the
     architecture allows it (global pooling makes the feature size independent of S); it must be
@@ -56,6 +59,68 @@ def check_backbone(
     _check_repeatable(module, batch, features, backbone, atol)
     if backbone.grid is not None:
         check_grid(backbone, weights, batch_size, size, atol)
+    for split in backbone.splits:
+        check_split(backbone, split.name, weights, batch_size, size, atol)
+    if backbone.classifier is not None:
+        check_classifier(backbone, weights, batch_size, size)
+
+
+def check_split(
+    backbone: Backbone, name: str | None = None, weights: str = "none", batch_size: int = 2,
+    image_size: int | None = None, atol: float = 1e-4,
+) -> None:
+    """The split part of the contract for one split (None: the default one; see `check_backbone`)."""
+    _check_split_metadata(backbone)
+    split = backbone.split(name)
+    size = image_size if image_size is not None else backbone.input_size
+    batch = _random_batch(batch_size, size)
+    trunk, tail = backbone.build_split(weights, split.name)
+    for part, module in (("trunk", trunk), ("tail", tail)):
+        training = [n or "<root>" for n, m in module.named_modules() if m.training]
+        _require(not training, backbone, f"split '{split.name}': the {part} must be in eval mode; training: "
+                                         f"{training[:5]}")
+    _require(any(True for _ in tail.parameters()), backbone, f"split '{split.name}': the tail has no parameters")
+    middle = _forward(trunk, batch, backbone)
+    if size == backbone.input_size:
+        expected = (batch_size, split.trunk.channels, split.trunk.height, split.trunk.width)
+        _require(tuple(middle.shape) == expected, backbone,
+                 f"split '{split.name}': trunk output {tuple(middle.shape)}, declared {expected}")
+    joined = _forward(tail, middle, backbone)
+    grid = _forward(backbone.build_grid(weights), batch, backbone)
+    _require(tuple(joined.shape) == tuple(grid.shape) and _close(joined, grid, atol), backbone,
+             f"split '{split.name}': tail(trunk(x)) differs from the grid "
+             f"({tuple(joined.shape)} vs {tuple(grid.shape)})")
+
+
+def check_classifier(
+    backbone: Backbone, weights: str = "none", batch_size: int = 2, image_size: int | None = None
+) -> None:
+    """The classifier part of the contract (see `check_backbone`)."""
+    import torch
+
+    head = backbone.classifier
+    _require(isinstance(head, Classifier), backbone, f"classifier is {type(head).__name__}, not a Classifier")
+    assert head is not None
+    _require(isinstance(head.labels, str) and head.labels != "", backbone, "classifier labels must be named")
+    _require(isinstance(head.classes, int) and head.classes > 1, backbone, "classifier classes must be an int > 1")
+    size = image_size if image_size is not None else backbone.input_size
+    grid = _forward(backbone.build_grid(weights), _random_batch(batch_size, size), backbone)
+    logits = _forward(_check_build(backbone, backbone.build_classifier, weights), grid, backbone)
+    _require(tuple(logits.shape) == (batch_size, head.classes), backbone,
+             f"classifier gave {tuple(logits.shape)}, expected {(batch_size, head.classes)}")
+    _require(bool(torch.isfinite(logits).all()), backbone, "classifier logits contain NaN or inf")
+
+
+def _check_split_metadata(backbone: Backbone) -> None:
+    _require(isinstance(backbone.splits, tuple), backbone, "splits must be a tuple of capcli.backbone.Split")
+    names = [getattr(s, "name", None) for s in backbone.splits]
+    _require(len(set(names)) == len(names), backbone, f"split names repeat: {names}")
+    for split in backbone.splits:
+        _require(isinstance(split, Split), backbone, f"a split is a {type(split).__name__}, not a Split")
+        _require(isinstance(split.name, str) and split.name != "", backbone, "a split needs a name")
+        _require(isinstance(split.trunk, Grid), backbone, f"split '{split.name}': trunk must be a Grid")
+        _require(callable(split.builder), backbone, f"split '{split.name}': builder is not callable")
+    _require(not backbone.splits or backbone.grid is not None, backbone, "splits need a grid (the tail's output)")
 
 
 def check_grid(
@@ -93,6 +158,7 @@ def check_metadata(backbone: Backbone) -> None:
     _require(isinstance(backbone.description, str), backbone, "description must be a str")
     _check_preprocessing(backbone)
     _check_grid_metadata(backbone)
+    _check_split_metadata(backbone)
 
 
 def _check_grid_metadata(backbone: Backbone) -> None:
@@ -126,6 +192,8 @@ def _check_preprocessing(backbone: Backbone) -> None:
             f"{field} must be 3 finite numbers (R, G, B), got {values!r}",
         )
     _require(all(s > 0 for s in prep.std), backbone, f"std must be > 0, got {prep.std!r}")
+    _require(prep.resize_mode in RESIZE_MODES, backbone,
+             f"resize_mode '{prep.resize_mode}' unknown; one of {list(RESIZE_MODES)}")
     _require(
         prep.interpolation in RESAMPLE,
         backbone,

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "capcli"
 # Each module's stage, lowest first. A module may import its own stage's modules and those of lower stages.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("capcli", "errors", "console", "tables", "paths", "devices", "providers", "backbone", "registry",
-              "images", "metrics", "decode", "onnx_graphs", "testing")),
+              "images", "metrics", "decode", "guidance", "onnx_graphs", "testing")),
     ("data", ("data",)),
     ("features", ("features",)),
     ("model", ("model",)),

@@ -81,7 +81,7 @@ def test_item9_large_batches_are_encoded_in_bounded_chunks(env, images, monkeypa
 
     captioner = open_captioner(env["bundle"], "onnx", provider="cpu")
     encoded, stepped = [], []
-    start_batch, step = capcli.runtime.captioner.start_batch, captioner.step
+    start_batch, step = capcli.runtime.captioner.start_batch_classes, captioner.step
 
     def spy_start(captioner, batch):
         encoded.append(len(batch))
@@ -91,7 +91,7 @@ def test_item9_large_batches_are_encoded_in_bounded_chunks(env, images, monkeypa
         stepped.append(len(tokens))
         return step(tokens, state)
 
-    monkeypatch.setattr(capcli.runtime.captioner, "start_batch", spy_start)
+    monkeypatch.setattr(capcli.runtime.captioner, "start_batch_classes", spy_start)
     captioner.step = spy_step
     paths = images[: 2 * ENCODE_CHUNK + 3]
     big = caption_images(captioner, paths, beam_size=1, batch_size=1000)

@@ -185,7 +185,8 @@ def test_features_cli_extracts_with_onnx_runtime(small_synthetic, monkeypatch, t
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     ds = load_dataset(str(small_synthetic))
-    cache = feature_cache.open_cache(get_backbone("efficientnet_lite0"), "none", ds)
+    # The synthetic images are square: the CLI frames them with resize mode squash (auto), the cache says so.
+    cache = feature_cache.open_cache(get_backbone("efficientnet_lite0").with_resize_mode("squash"), "none", ds)
     assert cache is not None and cache.meta["engine"] == "onnx"
     assert np.abs(np.asarray(cache.features, np.float32)).sum() > 0
 

@@ -34,7 +34,9 @@ def test_manifest_names_kind_context_and_grid(attention_bundle):
     meta = json.loads((attention_bundle / "capcli.json").read_text())
     assert meta["format_version"] == schema.FORMAT_VERSION == 3 and meta["decoder_kind"] == "attention"
     assert meta["io"]["state"] == ["h", "c"] and meta["io"]["context"] == ["grid", "projection"]
-    assert meta["io"]["encoder"]["outputs"] == ["grid", "projection", "h0", "c0"]
+    # Lite0 declares its ImageNet head: the encoder also returns the class probabilities, last.
+    assert meta["io"]["encoder"]["outputs"] == ["grid", "projection", "h0", "c0", "classes"]
+    assert meta["classifier"]["classes"] == 1000
     assert meta["io"]["decoder"]["outputs"] == ["log_probs", "h_out", "c_out", "alpha"]
     assert meta["io"]["decoder"]["inputs"]["grid"] == ["batch", 49, 32]
     assert (meta["grid"]["height"], meta["grid"]["width"], meta["grid"]["positions"]) == (7, 7, 49)
@@ -47,7 +49,7 @@ def test_manifest_names_kind_context_and_grid(attention_bundle):
 def test_every_batch_dimension_is_symbolic(attention_bundle):
     import onnx
 
-    axes = {"encoder.onnx": {"images": 0, "grid": 0, "projection": 0, "h0": 1, "c0": 1},
+    axes = {"encoder.onnx": {"images": 0, "grid": 0, "projection": 0, "h0": 1, "c0": 1, "classes": 0},
             "decoder.onnx": {"tokens": 0, "h": 1, "c": 1, "grid": 0, "projection": 0, "log_probs": 0,
                              "h_out": 1, "c_out": 1, "alpha": 0}}
     for graph, batch_axes in axes.items():
@@ -180,5 +182,5 @@ def test_a_pooled_manifest_over_attention_graphs_is_refused(attention_bundle, tm
     meta["io"]["context"] = []
     meta.pop("grid")
     (mixed / "capcli.json").write_text(json.dumps(meta))
-    with pytest.raises(CapcliError, match="encoder.onnx has 4 outputs, expected 2"):
+    with pytest.raises(CapcliError, match="encoder.onnx has 5 outputs, expected 3"):
         open_captioner(mixed, "onnx", provider="cpu")

@@ -409,7 +409,8 @@ def test_item11_ctrl_c_during_features_is_one_line_and_resumes(small_synthetic, 
                                                              ctrl_c_as_in_a_terminal):
     monkeypatch.setenv("CAPCLI_CACHE", str(tmp_path / "cache"))
     ds = load_dataset(str(small_synthetic))
-    done_file = features.cache_dir(tiny, "none", ds) / "done.npy"
+    # The synthetic images are square: `capcli features` frames them with resize mode squash (auto).
+    done_file = features.cache_dir(tiny.with_resize_mode("squash"), "none", ds) / "done.npy"
     script = CLI_SCRIPT.format(tests=str(TESTS), dataset=str(small_synthetic))
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TINY_BACKBONE_DELAY": "0.2"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -425,7 +426,8 @@ def test_item11_ctrl_c_during_features_is_one_line_and_resumes(small_synthetic, 
     assert len(messages) == 1 and messages[0].startswith("interrupted"), stderr[-3000:]
     killed_at = int(np.load(done_file).sum())
     assert 0 < killed_at < len(ds.images)
-    resumed = features.extract(tiny, ds, "none", batch_size=4, workers=0, device="cpu", show_progress=False)
+    resumed = features.extract(tiny.with_resize_mode("squash"), ds, "none", batch_size=4, workers=0, device="cpu",
+                               show_progress=False)
     assert resumed.complete and not resumed.failed
 
 

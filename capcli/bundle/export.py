@@ -4,14 +4,16 @@ vocabulary and its manifest (`capcli.bundle.build` stages the folder and puts it
 Pooled decoder: encoder.onnx: images [B,3,S,S] -> (h0, c0); decoder.onnx: (tokens [B], h, c) ->
 (log_probs, h', c'). Attention decoder: encoder.onnx: images -> (grid [B,P,C'], projection [B,P,A],
 h0, c0), the per-image part computed once; decoder.onnx: (tokens, h, c, grid, projection) ->
-(log_probs, h', c', alpha [B,P]). The graphs are exported with an example batch of 2 (a batch of 1
+(log_probs, h', c', alpha [B,P]). When the backbone declares a classifier (`capcli.backbone.Classifier`), an
+attention encoder also returns classes [B, K], the class probabilities computed in the same pass, which guide
+decoding (`capcli.guidance`). The graphs are exported with an example batch of 2 (a batch of 1
 would silently fix the batch dimension) and every batch dimension is asserted symbolic.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from capcli.bundle import manifest, schema
 from capcli.errors import CapcliError
 from capcli.model import checkpoint, decoders
 from capcli.model.attention import AttentionEncoder, AttentionStep
+from capcli.model.finetune import grid_extractor
 from capcli.model.pooled import DecoderStep, Encoder
 from capcli.onnx_graphs import check_graph, stamp_graph, write_graph
 from capcli.paths import atomic_write_json
@@ -31,6 +34,7 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the torch.export-based exporter's lowest
 ENCODER_TOL = 1e-3  # max |h0,c0 (and grid, projection) torch - onnx|
 STEP_TOL = 2e-3  # max |log_probs (and alpha) torch - onnx| along a greedy path
+CLASSES = "classes"  # the encoder output of class probabilities
 
 
 @dataclass(frozen=True)
@@ -133,13 +137,17 @@ def write_bundle(ckpt_path: Path, folder: Path, opset: int = DEFAULT_OPSET, imag
     ckpt = checkpoint.load(ckpt_path)
     ckpt_sha256 = manifest.sha256_file(ckpt_path)
     spec = get_backbone(ckpt["backbone"])
+    # Photos are framed as the run's features were (its resize mode; checkpoints from before modes: crop).
+    spec = spec.with_resize_mode(ckpt.get("preprocessing", {}).get("resize_mode", "crop"))
     schema.check_preprocessing(spec.preprocessing.to_dict(), f"backbone '{spec.name}' cannot be exported")
     kind = decoders.kind_of(ckpt)
     checkpoint.check_matches(ckpt, spec.name, decoders.feature_dim(spec, kind))
     decoder = checkpoint.build_decoder(ckpt)
     names = GRAPHS[kind]
     if kind == "attention":
-        encoder = AttentionEncoder(spec.build_grid(ckpt["weights"]), decoder).eval()
+        classes = spec.classifier is not None
+        names = with_classes(names) if classes else names
+        encoder = AttentionEncoder(grid_extractor(spec, ckpt, classes=classes), decoder).eval()
         step = AttentionStep(decoder).eval()
     else:
         encoder = Encoder(spec.build(ckpt["weights"]), decoder).eval()
@@ -160,7 +168,7 @@ def write_bundle(ckpt_path: Path, folder: Path, opset: int = DEFAULT_OPSET, imag
             f"step {parity['step_log_probs_max_abs_diff']:.2e}); bundle not written"
         )
     atomic_write_json(folder / "vocab.json", vocab.to_json())
-    meta = _manifest(folder, ckpt, ckpt_path, ckpt_sha256, spec, vocab, opset, exporters, parity)
+    meta = _manifest(folder, ckpt, ckpt_path, ckpt_sha256, spec, vocab, opset, exporters, parity, names)
     manifest.validate_manifest(meta)  # what we write, we can read
     atomic_write_json(folder / manifest.MANIFEST, manifest.sealed(meta))
     return meta
@@ -196,7 +204,7 @@ def _write_graphs(tmp: Path, encoder, step, batch: np.ndarray, vocab, opset: int
 
 
 def _manifest(tmp: Path, ckpt: dict, ckpt_path: Path, ckpt_sha256: str, spec, vocab, opset: int,
-              exporters: dict, parity: dict) -> dict:
+              exporters: dict, parity: dict, names: GraphNames) -> dict:
     s = spec.input_size
     kind = decoders.kind_of(ckpt)
     grid = spec.grid if kind == "attention" else None
@@ -216,8 +224,10 @@ def _manifest(tmp: Path, ckpt: dict, ckpt_path: Path, ckpt_sha256: str, spec, vo
         "decoder": ckpt["config"],
         "decoder_kind": kind,
         "files": {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "vocab": "vocab.json"},
-        "io": _io(GRAPHS[kind], s, ckpt["config"], grid),
+        "io": _io(names, s, ckpt["config"], grid),
         **({"grid": _grid_manifest(grid, ckpt["config"])} if grid is not None else {}),
+        **({"classifier": _classifier_manifest(spec, ckpt)} if CLASSES in names.encoder_out else {}),
+        **({"finetuned": {"split": ckpt["tail"]["split"]}} if ckpt.get("tail") else {}),
         "opset": opset,
         "exporter": exporters,
         "versions": {name: _pkg_version(name) for name in ("capcli", "torch", "onnx", "onnxruntime", "onnxscript")},
@@ -271,6 +281,18 @@ def _io(names: GraphNames, size: int, config: dict, grid) -> dict:
         "state": ["h", "c"],  # recurrent: from the encoder's h0/c0, then from the step's h_out/c_out
         "context": list(names.context),  # per image: the encoder's outputs of the same names, at every step
     }
+
+
+def with_classes(names: GraphNames) -> GraphNames:
+    """The graph names of an encoder that also returns class probabilities."""
+    return replace(names, encoder_out=(*names.encoder_out, CLASSES), batch_axes={**names.batch_axes, CLASSES: 0})
+
+
+def _classifier_manifest(spec, ckpt: dict) -> dict:
+    """The encoder's class probabilities: which label set, how many, and which grid the head reads."""
+    head = spec.classifier
+    reads = "the untouched tail's grid (the tail was fine-tuned)" if ckpt.get("tail") else "the grid"
+    return {"labels": head.labels, "classes": head.classes, "output": CLASSES, "reads": reads}
 
 
 def _grid_manifest(grid, config: dict) -> dict:

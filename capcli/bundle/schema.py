@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from capcli.backbone import RESIZE_MODES
 from capcli.errors import CapcliError
 from capcli.model import DECODER_KINDS
 
@@ -139,6 +140,7 @@ SCHEMA: list[tuple[str, Check, bool]] = [
     ("preprocessing.std", _numbers(3, positive=True, within=STD_RANGE), True),
     ("preprocessing.interpolation", _one_of(*INTERPOLATIONS), True),
     ("preprocessing.crop", _one_of("center"), False),
+    ("preprocessing.resize_mode", _one_of(*RESIZE_MODES), False),  # absent: crop, as before resize modes
     ("vocab_size", _integer(len(SPECIAL_TOKENS), 10_000_000), True),
     ("vocab_sha256", _sha256, True),
     ("special_tokens", _mapping, True),
@@ -162,6 +164,10 @@ SCHEMA: list[tuple[str, Check, bool]] = [
     ("grid.height", _integer(1, MAX_INPUT_SIZE), False),
     ("grid.width", _integer(1, MAX_INPUT_SIZE), False),
     ("grid.channels", _integer(1), False),
+    ("classifier", _mapping, False),  # the encoder also returns class probabilities (capcli.guidance)
+    ("classifier.labels", _text, False),
+    ("classifier.classes", _integer(2, 100_000), False),
+    ("classifier.output", _one_of("classes"), False),
     ("training", _mapping, False),  # how the weights were trained (capcli.bundle.export): absent before it was recorded
     ("training.stage", _one_of("cross-entropy", "scst"), False),
     (MANIFEST_DIGEST_KEY, _sha256, False),  # sha256 of the manifest without this key (capcli.bundle.manifest)
@@ -276,6 +282,16 @@ def decoder_kind(meta: dict) -> str:
 def state_inputs(meta: dict) -> list[str]:
     """The decoder's recurrent inputs, in the order the encoder outputs their initial values."""
     return list(meta.get("io", {}).get("state", ["h", "c"]))
+
+
+def classifier(meta: dict) -> dict | None:
+    """What the encoder's class probabilities are ({"labels", "classes", "output"}), or None without them."""
+    head = meta.get("classifier")
+    if head is None:
+        return None
+    if not {"labels", "classes", "output"} <= set(head):
+        raise ManifestError(f"{MANIFEST}: 'classifier' needs 'labels', 'classes' and 'output'")
+    return head
 
 
 def context_inputs(meta: dict) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import MAX_BEAM, MAX_DECODE_BATCH, AllowUnk, BeamSize, NoRepeatNgram, Provider
+from capcli.cli.options import MAX_BEAM, MAX_DECODE_BATCH, AllowUnk, BeamSize, Guidance, NoRepeatNgram, Provider
 from capcli.console import err, error, json_line, out, plain, shown, warn
 
 
@@ -66,12 +66,21 @@ def caption(
     ] = False,
     allow_unk: AllowUnk = False,
     no_repeat_ngram: NoRepeatNgram = 3,
+    guidance: Guidance = True,
 ) -> None:
     """Caption images with an exported bundle (ONNX Runtime) or a run (PyTorch).
 
     Exits 1 when any image could not be captioned (each is named on stderr; the others are captioned).
     """
-    from capcli.runtime.captioner import Guards, Sampling, caption_images, find_images, open_captioner
+    from capcli.runtime.captioner import (
+        DEFAULT_GUIDANCE,
+        NO_GUIDANCE,
+        Guards,
+        Sampling,
+        caption_images,
+        find_images,
+        open_captioner,
+    )
 
     _check_beams(beams, beam_size, sample)
     if runtime not in ("onnx", "torch"):  # a bad option is named before anything is looked up
@@ -95,7 +104,8 @@ def caption(
     sampling = Sampling(temperature, top_k, seed) if sample else None
     results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size, n_best=beams,
                              on_result=show, sampling=sampling, attention=attention,
-                             guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram))
+                             guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram),
+                             guidance=DEFAULT_GUIDANCE if guidance else NO_GUIDANCE)
     if not as_json:
         _print_table(results, captioner.runtime, "sampled" if sample else "greedy" if beam_size == 1 else
                      f"beam {beam_size}")
@@ -104,6 +114,7 @@ def caption(
 
         rows = [{"image": r.image, "caption": r.caption or "", "score": r.score, "error": r.error,
                  "alternatives": [list(a) for a in r.alternatives[1:]],
+                 **({"classes": r.classes.to_json()} if r.classes is not None else {}),
                  **({"attention": r.attention, "grid": r.grid, "preprocessing": captioner.preprocessing}
                     if r.attention is not None else {})} for r in results]
         err.print(f"report: {shown(write_html(html, rows, title='capcli captions'))}")

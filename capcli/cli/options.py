@@ -27,3 +27,15 @@ BeamSize = Annotated[int, typer.Option(min=1, max=MAX_BEAM, help=f"1 = greedy; a
 NoRepeatNgram = Annotated[
     int, typer.Option(min=0, max=20, help="No n-gram twice in a caption (0: off; default 3).")
 ]
+ResizeMode = Annotated[
+    str, typer.Option(help="How photos are framed: crop (shorter side, then the centre), squash (both sides, then "
+                           "the centre) or auto (squash when the training images are square).")
+]
+Split = Annotated[
+    str | None, typer.Option(help="The backbone's split point for --finetune (default: its first; see capcli "
+                                  "backbones).")
+]
+Guidance = Annotated[
+    bool, typer.Option("--guidance/--no-guidance",
+                       help="Let the backbone's classifier steer the words (models whose encoder returns classes).")
+]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import BackboneName, DatasetSpec, Device, Engine, ImagesDir, Weights
+from capcli.cli.options import BackboneName, DatasetSpec, Device, Engine, ImagesDir, ResizeMode, Split, Weights
 from capcli.console import err, out
 from capcli.tables import print_training
 from capcli.train.config import MAX_FEATURE_BATCH
@@ -23,21 +23,36 @@ def features(
     ] = None,
     device: Device = "auto",
     grid: Annotated[bool, typer.Option("--grid", help="Cache the feature grid (attention decoder) instead.")] = False,
+    split: Annotated[
+        str | None, typer.Option(help="Cache this split point's trunk output instead (what --finetune trains on).")
+    ] = None,
+    flip: Annotated[
+        bool, typer.Option("--flip", help="Of the images mirrored left to right (--flip training).")
+    ] = False,
+    resize_mode: ResizeMode = "auto",
     engine: Engine = "auto",
 ) -> None:
     """Extract and cache backbone features for a dataset (resumable; a second run is a no-op)."""
     from capcli.data.readers import load_dataset
+    from capcli.errors import CapcliError
+    from capcli.features.cache import output_grid, trunk_output
     from capcli.features.extraction import extract
+    from capcli.images import resize_mode_for
     from capcli.registry import get_backbone
 
+    if grid and split:
+        raise CapcliError("--grid and --split are two different caches: give one")
     spec = get_backbone(backbone)
     ds = load_dataset(dataset, images=images)
     _print_notes(ds)
-    cache = extract(spec, ds, weights, batch_size, workers, device, output="grid" if grid else "pooled", engine=engine)
-    what = f"{spec.require_grid()} grid" if grid else f"{spec.feature_dim}-d"
+    spec = spec.with_resize_mode(resize_mode_for(resize_mode, ds)[0])  # the last line names the mode used
+    output = trunk_output(spec.split(split).name) if split else "grid" if grid else "pooled"
+    cache = extract(spec, ds, weights, batch_size, workers, device, output=output, engine=engine, flip=flip)
+    what = f"{output_grid(spec, output)} {output}" if output != "pooled" else f"{spec.feature_dim}-d"
+    framed = f" (photos framed by {spec.preprocessing.resize_mode}" + (", mirrored)" if flip else ")")
     done = len(cache.images) - len(cache.failed)
     counted = f"{done} of {len(cache.images)} images" if cache.failed else f"{done} images"
-    out.print(f"{counted}, {what} float16 features in {cache.path}", markup=False)
+    out.print(f"{counted}, {what} float16 features{framed} in {cache.path}", markup=False)
     if cache.failed:
         err.print(f"{len(cache.failed)} images could not be read and were skipped "
                   f"(they are retried on every run):", markup=False)
@@ -93,6 +108,16 @@ def train(
     precision: Annotated[
         str, typer.Option(help="auto (bf16 matrix products where the CPU or GPU has them natively), bf16 or fp32.")
     ] = "auto",
+    resize_mode: ResizeMode = "auto",
+    finetune: Annotated[
+        bool, typer.Option("--finetune", help="Train the backbone's tail (after --split) with the attention decoder.")
+    ] = False,
+    split: Split = None,
+    backbone_lr: Annotated[float, typer.Option(help="Adam learning rate of the tuned tail (--finetune).")] = 1e-4,
+    flip: Annotated[
+        bool, typer.Option("--flip", help="Show about half the training images mirrored each epoch (left/right "
+                                          "swapped in their captions; their features are cached once).")
+    ] = False,
     out: Annotated[str | None, typer.Option(help="Run directory (default runs/BACKBONE).")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out with its own settings (only --epochs, --patience, "
@@ -118,6 +143,7 @@ def train(
         num_layers=num_layers, dropout=dropout, feature_input=feature_input, decoder=decoder,
         context_dim=context_dim, attention_dim=attention_dim, attention_reg=attention_reg, resume=resume,
         select_on=select_on, val_sample=val_sample, label_smoothing=label_smoothing, precision=precision,
+        resize_mode=resize_mode, finetune=finetune, split=split, backbone_lr=backbone_lr, flip=flip,
         device=device, seed=seed, workers=workers, engine=engine, given=given,
     )
     run_dir = run_training(cfg)

@@ -14,6 +14,9 @@ is an error up front rather than a SIGBUS from the memory map.
 With output="grid" the rows are the backbone's feature grid before pooling, [N, P, C] (P = H*W
 positions, row-major), for the attention decoder; the key adds the grid. Such caches are ~50x
 larger, so training reads them row by row (`capcli.train.feature_rows`) instead of loading the array.
+With output="trunk:SPLIT" the rows are the output of a split point's frozen trunk (same [N, P, C] layout), which
+`capcli train --finetune` feeds to the trainable tail; with flip=True every row is made from the image mirrored
+left to right (training's flip augmentation). Both are part of the key.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from capcli.paths import atomic_write_bytes, atomic_write_json, cache_root, desc
 
 FORMAT = "capcli-features/2"
 NO_FILE = -1  # size and mtime recorded for a file that could not be stat'ed
-OUTPUTS = ("pooled", "grid")
+OUTPUTS = ("pooled", "grid", "trunk:SPLIT")
+TRUNK = "trunk:"
 
 
 @dataclass
@@ -84,6 +88,7 @@ def cache_key(
     dataset_fingerprint: str,
     images_dir: str | Path,
     output: str = "pooled",
+    flip: bool = False,
 ) -> str:
     ident = {
         "format": FORMAT,
@@ -95,21 +100,36 @@ def cache_key(
         "images": hashlib.sha256("\n".join(images).encode()).hexdigest(),
         "images_dir": str(Path(images_dir).resolve()),
     }
-    if output == "grid":  # pooled keys stay as they are
-        ident |= {"output": "grid", "grid": backbone.require_grid().to_dict()}
+    if output != "pooled":  # pooled keys stay as they are
+        ident |= {"output": output, "grid": output_grid(backbone, output).to_dict()}
+    if flip:
+        ident["flip"] = True
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cache_dir(backbone: Backbone, weights: str, dataset, output: str = "pooled") -> Path:
+def cache_dir(backbone: Backbone, weights: str, dataset, output: str = "pooled", flip: bool = False) -> Path:
     check_output(output)
-    key = cache_key(backbone, weights, dataset.images, dataset.fingerprint(), dataset.images_dir, output)
-    kind = "-grid" if output == "grid" else ""
-    return cache_root() / "features" / f"{dataset.name}-{backbone.name}{kind}-{key}"
+    key = cache_key(backbone, weights, dataset.images, dataset.fingerprint(), dataset.images_dir, output, flip)
+    kind = "" if output == "pooled" else "-" + output.replace(":", "-")
+    return cache_root() / "features" / f"{dataset.name}-{backbone.name}{kind}{'-flip' if flip else ''}-{key}"
 
 
 def check_output(output: str) -> None:
-    if output not in OUTPUTS:
+    if output not in ("pooled", "grid") and not (output.startswith(TRUNK) and len(output) > len(TRUNK)):
         raise CapcliError(f"unknown feature output '{output}'; one of {', '.join(OUTPUTS)}")
+
+
+def trunk_output(split: str) -> str:
+    """The output name of a split point's trunk."""
+    return TRUNK + split
+
+
+def output_grid(backbone: Backbone, output: str):
+    """The rows' grid for a grid or trunk output (a `capcli.backbone.Grid`); a clear error when undeclared."""
+    check_output(output)
+    if output.startswith(TRUNK):
+        return backbone.split(output[len(TRUNK):]).trunk
+    return backbone.require_grid()
 
 
 def row_shape(meta: dict) -> tuple[int, ...]:
@@ -152,9 +172,10 @@ def is_started(path: Path) -> bool:
     return all((path / name).is_file() for name in ("meta.json", "done.npy", "stats.npy", "features.npy"))
 
 
-def open_cache(backbone: Backbone, weights: str, dataset, output: str = "pooled") -> FeatureCache | None:
+def open_cache(backbone: Backbone, weights: str, dataset, output: str = "pooled",
+               flip: bool = False) -> FeatureCache | None:
     """The complete cache for this backbone/weights/dataset (and output), or None (files are not re-checked here)."""
-    path = cache_dir(backbone, weights, dataset, output)
+    path = cache_dir(backbone, weights, dataset, output, flip)
     if not is_started(path):
         return None
     cache = open_existing(path, json.loads((path / "meta.json").read_text()))
@@ -174,7 +195,8 @@ def cache_writes(path: Path, needed_bytes: int):
         raise CapcliError(f"{exc}; {hint}") from None
 
 
-def start_cache(path: Path, backbone: Backbone, weights: str, dataset, output: str = "pooled") -> CacheProgress:
+def start_cache(path: Path, backbone: Backbone, weights: str, dataset, output: str = "pooled",
+                flip: bool = False) -> CacheProgress:
     """Reopen the cache files an earlier run left, or create them."""
     if is_started(path):
         meta = json.loads((path / "meta.json").read_text())
@@ -194,8 +216,10 @@ def start_cache(path: Path, backbone: Backbone, weights: str, dataset, output: s
         "images": list(dataset.images),
         "failed": {},
     }
-    if output == "grid":
-        meta |= {"output": "grid", "grid": backbone.require_grid().to_dict()}
+    if output != "pooled":
+        meta |= {"output": output, "grid": output_grid(backbone, output).to_dict()}
+    if flip:
+        meta["flip"] = True
     n = len(meta["images"])
     features = _create_feature_file(path / "features.npy", (n, *row_shape(meta)))
     state = CacheProgress(meta, features, np.full((n, 2), NO_FILE, dtype=np.int64), np.zeros(n, dtype=bool))
@@ -262,11 +286,14 @@ def discard_cache(path: Path, state: CacheProgress) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def load_features(backbone: Backbone, weights: str, dataset, output: str = "pooled") -> FeatureCache:
+def load_features(backbone: Backbone, weights: str, dataset, output: str = "pooled",
+                  flip: bool = False) -> FeatureCache:
     """The complete cache, or a clear error saying how to make it."""
-    cache = open_cache(backbone, weights, dataset, output)
+    cache = open_cache(backbone, weights, dataset, output, flip)
     if cache is None:
-        grid = " --grid" if output == "grid" else ""
+        grid = {"pooled": "", "grid": " --grid"}.get(output, f" --split {output[len(TRUNK):]}")
+        grid += " --flip" if flip else ""
+        grid += f" --resize-mode {backbone.preprocessing.resize_mode}"
         raise CapcliError(
             f"no complete {output} feature cache for {backbone.name} ({weights}) on {dataset.name}; "
             f"run: capcli features --backbone {backbone.name} --dataset {dataset.name}{grid}"

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 ENGINES = ("auto", "torch", "onnx")
+TRUNK = "trunk:"  # as capcli.features.cache names a split point's trunk output
 GRAPH_FORMAT = "capcli-backbone-graph/2"  # bump when the graph's inputs or outputs change
 GRAPH_OPSET = 18
 EXAMPLE_BATCH = 2  # a batch of 1 would let the exporter fix the batch dimension
@@ -109,6 +110,7 @@ def graph_key(backbone: Backbone, weights: str, output: str, opset: int) -> str:
         "preprocessing": backbone.preprocessing.to_dict(),
         "output": output,
         "grid": backbone.grid.to_dict() if output == "grid" and backbone.grid else None,
+        **({"trunk": backbone.split(output[len(TRUNK):]).trunk.to_dict()} if output.startswith(TRUNK) else {}),
         "opset": opset,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -116,12 +118,15 @@ def graph_key(backbone: Backbone, weights: str, output: str, opset: int) -> str:
 
 def graph_path(backbone: Backbone, weights: str, output: str = "pooled", opset: int = GRAPH_OPSET) -> Path:
     key = graph_key(backbone, weights, output, opset)
-    return cache_root() / "graphs" / f"{backbone.name}-{output}-{key}.onnx"
+    return cache_root() / "graphs" / f"{backbone.name}-{output.replace(':', '-')}-{key}.onnx"
 
 
 def _output(output: str) -> GraphOutput:
+    if output.startswith(TRUNK) and len(output) > len(TRUNK):  # a split point's trunk: [B, C, H, W]
+        split = output[len(TRUNK):]
+        return GraphOutput("trunk", lambda backbone, weights: backbone.build_split(weights, split)[0])
     if output not in OUTPUTS:
-        raise CapcliError(f"unknown backbone output '{output}'; known: {', '.join(OUTPUTS)}")
+        raise CapcliError(f"unknown backbone output '{output}'; known: {', '.join(OUTPUTS)}, {TRUNK}SPLIT")
     return OUTPUTS[output]
 
 

@@ -28,6 +28,7 @@ from capcli.features.cache import (
     discard_cache,
     is_started,
     open_existing,
+    output_grid,
     pending_rows,
     start_cache,
     stat_file,
@@ -58,10 +59,11 @@ def image_loader(inputs, batch_size: int, workers: int, device: str, collate_fn=
 
 
 class _ImageInputs:
-    """Map-style dataset of (row, uint8 pixels or None, error, file stat) for the DataLoader workers."""
+    """Map-style dataset of (row, uint8 pixels or None, error, file stat) for the DataLoader workers; with `flip`
+    the pixels are mirrored left to right."""
 
-    def __init__(self, rows: list[int], paths: list[Path], prep):
-        self.rows, self.paths, self.prep = rows, paths, prep
+    def __init__(self, rows: list[int], paths: list[Path], prep, flip: bool = False):
+        self.rows, self.paths, self.prep, self.flip = rows, paths, prep, flip
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -70,7 +72,8 @@ class _ImageInputs:
         # Stat before reading: if the file changes in between, the next run sees a newer stat.
         stat = stat_file(self.paths[i])
         try:
-            return self.rows[i], load_pixels(self.paths[i], self.prep), None, stat
+            pixels = load_pixels(self.paths[i], self.prep)
+            return self.rows[i], np.ascontiguousarray(pixels[:, ::-1]) if self.flip else pixels, None, stat
         except ImageError as exc:
             return self.rows[i], None, str(exc), stat
 
@@ -134,12 +137,14 @@ def extract(
     stop_after_batches: int | None = None,
     output: str = "pooled",
     engine: str = "torch",
+    flip: bool = False,
 ) -> FeatureCache:
     """Extract features for every image of `dataset` not validly cached yet; returns the cache.
 
     Resumes an interrupted run, re-extracts images whose file changed since their row was made,
     and retries images that failed before. output: "pooled" ([N, D] rows) or "grid" ([N, P, C]
-    rows, for backbones that declare a grid). engine: 'torch', 'onnx' (ONNX Runtime on a cached graph of
+    rows, for backbones that declare a grid) or "trunk:SPLIT" (a split point's trunk, the same layout); `flip`
+    mirrors every image left to right (a cache of its own). engine: 'torch', 'onnx' (ONNX Runtime on a cached graph of
     the backbone, see capcli.features.engines) or 'auto' (ONNX Runtime on CPU, PyTorch on CUDA); both give the
     same rows up to float16 rounding, so the cache key leaves the engine out and the meta records it.
     """
@@ -147,19 +152,18 @@ def extract(
 
     _check_options(batch_size, workers)
     check_output(output)
-    row = (backbone.require_grid().positions, backbone.require_grid().channels) if output == "grid" else (
-        backbone.feature_dim,
-    )
+    grid = None if output == "pooled" else output_grid(backbone, output)
+    row = (grid.positions, grid.channels) if grid is not None else (backbone.feature_dim,)
     device = resolve_device(device)
     engine = resolve_engine(engine, device)
-    path = cache_dir(backbone, weights, dataset, output)
+    path = cache_dir(backbone, weights, dataset, output, flip)
     paths = [dataset.image_path(name) for name in dataset.images]
     needed = len(paths) * int(np.prod(row)) * 2
     fresh = not is_started(path)
     # A new cache reserves its whole file on disk (GBs for a large set): a bad --weights is found first.
     model = _build(backbone, weights, device, engine, output) if fresh and paths else None
     with cache_writes(path, needed):
-        state = start_cache(path, backbone, weights, dataset, output)
+        state = start_cache(path, backbone, weights, dataset, output, flip)
         pending = pending_rows(path, state, paths)
         if pending and record_engine(state.meta, engine):
             atomic_write_json(path / "meta.json", state.meta)
@@ -170,7 +174,7 @@ def extract(
             workers = 0  # one batch: starting worker processes would cost more than it hides
         try:
             _extract_rows(backbone, weights, path, state, pending, paths, batch_size, workers, device,
-                          show_progress, stop_after_batches, engine, output, model)
+                          show_progress, stop_after_batches, engine, output, model, flip)
         except BaseException:
             if fresh and not state.done.any():
                 discard_cache(path, state)  # nothing in it yet: give the reserved space back
@@ -181,10 +185,10 @@ def extract(
 
 
 def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, workers, device,
-                  show_progress, stop_after_batches, engine, output="pooled", model=None) -> None:
+                  show_progress, stop_after_batches, engine, output="pooled", model=None, flip=False) -> None:
     from capcli.console import progress
 
-    loader = image_loader(_ImageInputs(pending, [paths[i] for i in pending], backbone.preprocessing),
+    loader = image_loader(_ImageInputs(pending, [paths[i] for i in pending], backbone.preprocessing, flip),
                           batch_size, workers, device)
     # Built now, so a weights problem shows before any image is read; but when only failed images
     # are retried, only once one of them reads (usually none does, and no model is needed).
@@ -193,7 +197,8 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
         model = _build(backbone, weights, device, engine, output)
     n_images, needed = len(state.done), state.features.size * 2
     with progress(transient=not show_progress) as bar:
-        what = f"{backbone.name} grid" if output == "grid" else backbone.name
+        what = backbone.name if output == "pooled" else f"{backbone.name} {output}"
+        what += " flipped" if flip else ""
         task = bar.add_task(f"features {what} ({engine})", total=n_images, info="")
         bar.update(task, completed=n_images - len(pending))
         start, seen, warned = time.perf_counter(), 0, []
@@ -204,7 +209,7 @@ def _extract_rows(backbone, weights, path, state, pending, paths, batch_size, wo
             out = None
             if computing is not None:
                 out = computing.result()
-                if output == "grid":  # [B, C, H, W] -> [B, P, C], P = H*W row-major
+                if output != "pooled":  # [B, C, H, W] -> [B, P, C], P = H*W row-major
                     out = out.reshape(out.shape[0], out.shape[1], -1).transpose(0, 2, 1)
                 out = to_float16(out, what, weights, warned)
             with cache_writes(path, needed):

@@ -184,15 +184,22 @@ class AttentionStep(nn.Module):
 
 
 class AttentionEncoder(nn.Module):
-    """Grid backbone + the decoder's per-image part: images -> (context, projection, h0, c0). The exported encoder."""
+    """Grid backbone + the decoder's per-image part: images -> (context, projection, h0, c0). The exported encoder.
+
+    A backbone that returns (grid, class probabilities) (`capcli.model.finetune.grid_extractor` with classes)
+    makes the probabilities a fifth output, computed in the same pass."""
 
     def __init__(self, grid_backbone: nn.Module, decoder: AttentionDecoder):
         super().__init__()
         self.backbone = grid_backbone
         self.decoder = decoder
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.decoder.encode(grid_positions(self.backbone(images)))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.backbone(images)
+        if isinstance(out, tuple):
+            grid, probs = out
+            return (*self.decoder.encode(grid_positions(grid)), probs)
+        return self.decoder.encode(grid_positions(out))
 
 
 def grid_positions(grid: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from capcli.decode import Hypothesis, beam_search, greedy, sample
+from capcli.decode import Hypothesis, beam_search, constrained_beam_search, greedy, sample
+from capcli.guidance import TABLES, ClassWords, GuideOptions, ImageClasses, load_table
 from capcli.images import ImageError, InMemoryImage, source_input
 
 
@@ -62,6 +63,7 @@ class CaptionResult:
     # predicted with, and the grid's (height, width).
     attention: list[WordAttention] | None = None
     grid: tuple[int, int] | None = None
+    classes: ImageClasses | None = None
 
     def to_dict(self) -> dict:
         d = {"image": self.image, "caption": self.caption, "score": self.score}
@@ -72,6 +74,8 @@ class CaptionResult:
                 "grid": list(self.grid),
                 "words": [{"word": w, "alpha": [round(float(a), 5) for a in alpha]} for w, alpha in self.attention],
             }
+        if self.classes is not None:
+            d["classes"] = self.classes.to_json()
         if self.error:
             d["error"] = self.error
         return d
@@ -109,30 +113,53 @@ NO_GUARDS = Guards(suppress_unk=False, no_repeat_ngram=0)
 
 def decode_hypotheses(captioner, state, beam_size: int, n_best: int = 1, max_len: int | None = None,
                       sampling: Sampling | None = None, context=(),
-                      guards: Guards = DEFAULT_GUARDS) -> list[list[Hypothesis]]:
-    """Initial states (and per-image context) of a batch -> per image, its hypotheses best first."""
+                      guards: Guards = DEFAULT_GUARDS, bias: np.ndarray | None = None,
+                      required: np.ndarray | None = None) -> list[list[Hypothesis]]:
+    """Initial states (and per-image context) of a batch -> per image, its hypotheses best first; `bias`: the
+    classifier's guidance [images, V] (`guidance_bias`); `required` [images]: a word id each beam-searched caption
+    must hold (-1: none), by constrained beam search."""
     vocab, max_len = captioner.vocab, max_len or captioner.max_len
     never, ngram = guards.never(vocab), guards.no_repeat_ngram
     if sampling is not None:
         rng = np.random.default_rng(sampling.seed)
         hyps = sample(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len,
                       temperature=sampling.temperature, top_k=sampling.top_k, rng=rng, context=context,
-                      never=never, no_repeat_ngram=ngram)
+                      never=never, no_repeat_ngram=ngram, bias=bias)
         return [[h] for h in hyps]
     if beam_size <= 1:
         hyps = greedy(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len, context=context,
-                      never=never, no_repeat_ngram=ngram)
+                      never=never, no_repeat_ngram=ngram, bias=bias)
         return [[h] for h in hyps]
+    if required is not None and (required >= 0).any():
+        return constrained_beam_search(captioner.step, state, vocab.start_id, vocab.end_id, required,
+                                       beam_size=beam_size, max_len=max_len, n_best=n_best, context=context,
+                                       never=never, no_repeat_ngram=ngram, bias=bias)
     return beam_search(captioner.step, state, vocab.start_id, vocab.end_id, beam_size=beam_size, max_len=max_len,
-                       n_best=n_best, context=context, never=never, no_repeat_ngram=ngram)
+                       n_best=n_best, context=context, never=never, no_repeat_ngram=ngram, bias=bias)
+
+
+DEFAULT_GUIDANCE = GuideOptions()
+NO_GUIDANCE = GuideOptions(enabled=False)
+
+
+def guidance_bias(captioner, probs: np.ndarray | None, options: GuideOptions = DEFAULT_GUIDANCE):
+    """(bias [images, V], per image `ImageClasses`) from the encoder's class probabilities, or (None, None) when
+    guidance is off or the model has no classifier (bundles exported before classifiers, pooled decoders)."""
+    head = getattr(captioner, "classifier", None)
+    if probs is None or head is None or not options.enabled or head["labels"] not in TABLES:
+        return None, None
+    words = getattr(captioner, "class_words", None)
+    if words is None:
+        words = captioner.class_words = ClassWords(load_table(head["labels"]), captioner.vocab.itos)
+    return words.bias(probs, options)
 
 
 def decode_states(captioner, state, beam_size: int, n_best: int = 1, max_len: int | None = None,
                   sampling: Sampling | None = None, context=(), attention: bool = False,
-                  guards: Guards = DEFAULT_GUARDS):
+                  guards: Guards = DEFAULT_GUARDS, bias: np.ndarray | None = None):
     """Initial states (and per-image context) of a batch -> per image, a list of (caption, score) best first;
     with `attention` (attention decoders), (caption, score, weights over the grid of each token [T, H*W])."""
-    decoded = decode_hypotheses(captioner, state, beam_size, n_best, max_len, sampling, context, guards)
+    decoded = decode_hypotheses(captioner, state, beam_size, n_best, max_len, sampling, context, guards, bias)
     return [[(captioner.vocab.decode(h.tokens), float(h.score), *((h.attention,) if attention else ()))
              for h in per_image] for per_image in decoded]
 
@@ -142,6 +169,13 @@ def start_batch(captioner, images: np.ndarray):
     if hasattr(captioner, "start"):
         return captioner.start(images)
     return captioner.encode(images), ()
+
+
+def start_batch_classes(captioner, images: np.ndarray):
+    """(state, context, class probabilities or None) for a batch."""
+    if hasattr(captioner, "start_with_classes"):
+        return captioner.start_with_classes(images)
+    return (*start_batch(captioner, images), None)
 
 
 def word_attention(vocab, hyp: Hypothesis) -> list[WordAttention]:
@@ -191,7 +225,8 @@ def find_images(args: list[str]) -> tuple[list[str], list[str]]:
 def _encode_chunks(captioner, paths: list, results: list[CaptionResult]):
     """Load and encode in chunks of ENCODE_CHUNK; unusable images get their error.
 
-    -> (state, per-image context, encoded rows); (None, (), rows) when no image could be read.
+    -> (state, per-image context, encoded rows, class probabilities or None); (None, (), rows, None) when no image
+    could be read.
     """
     starts, rows = [], []
     for chunk in _batches(list(enumerate(paths)), ENCODE_CHUNK):
@@ -203,13 +238,14 @@ def _encode_chunks(captioner, paths: list, results: list[CaptionResult]):
             except ImageError as exc:
                 results[row].error = str(exc)
         if arrays:
-            starts.append(start_batch(captioner, np.stack(arrays)))
+            starts.append(start_batch_classes(captioner, np.stack(arrays)))
     if not starts:
-        return None, (), rows
+        return None, (), rows, None
     axes = captioner.state_batch_axes
-    state = tuple(np.concatenate([st[i] for st, _ in starts], axis=axis) for i, axis in enumerate(axes))
-    context = tuple(np.concatenate([ctx[i] for _, ctx in starts], axis=0) for i in range(len(starts[0][1])))
-    return state, context, rows
+    state = tuple(np.concatenate([st[i] for st, _, _ in starts], axis=axis) for i, axis in enumerate(axes))
+    context = tuple(np.concatenate([ctx[i] for _, ctx, _ in starts], axis=0) for i in range(len(starts[0][1])))
+    probs = np.concatenate([p for _, _, p in starts], axis=0) if starts[0][2] is not None else None
+    return state, context, rows, probs
 
 
 def caption_images(
@@ -222,6 +258,7 @@ def caption_images(
     sampling: Sampling | None = None,
     attention: bool = False,
     guards: Guards = DEFAULT_GUARDS,
+    guidance: GuideOptions = DEFAULT_GUIDANCE,
 ) -> list[CaptionResult]:
     """Caption every image; unusable ones get an error result and the rest go on.
 
@@ -237,11 +274,14 @@ def caption_images(
     results: list[CaptionResult] = []
     for chunk in _batches(list(paths), batch_size):
         ready = [CaptionResult(str(path)) for path in chunk]
-        state, context, rows = _encode_chunks(captioner, chunk, ready)
+        state, context, rows, probs = _encode_chunks(captioner, chunk, ready)
         if state is not None:
+            bias, seen = guidance_bias(captioner, probs, guidance)
+            required = np.array([s.required for s in seen]) if seen is not None and guidance.constrain else None
             decoded = decode_hypotheses(captioner, state, beam_size, n_best, sampling=sampling, context=context,
-                                        guards=guards)
-            for row, hyps in zip(rows, decoded, strict=True):
+                                        guards=guards, bias=bias, required=required)
+            for i, (row, hyps) in enumerate(zip(rows, decoded, strict=True)):
+                ready[row].classes = seen[i] if seen is not None else None
                 options = [Alternative(captioner.vocab.decode(h.tokens), float(h.score)) for h in hyps]
                 ready[row].caption, ready[row].score = options[0]
                 ready[row].alternatives = options if n_best > 1 else []

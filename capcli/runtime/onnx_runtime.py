@@ -13,6 +13,7 @@ from capcli.bundle.schema import (
     GRAPH_VOCAB_KEY,
     MANIFEST,
     check_resize,
+    classifier,
     context_inputs,
     decoder_kind,
     is_sha256,
@@ -66,6 +67,8 @@ class GraphChecker:
         self.context: dict[str, list] = {}  # context input -> its shape, in the encoder's output order
         self.positions = None
         self.source: tuple[str, str] | None = None  # (graph, source checkpoint sha256) of the first graph checked
+        head = classifier(meta)
+        self.classes = {head["output"]: [None, head["classes"]]} if head else {}  # after h0, c0
         if decoder_kind(meta) == "attention":
             grid, config = meta["grid"], meta["decoder"]
             self.positions = grid["height"] * grid["width"]
@@ -78,7 +81,8 @@ class GraphChecker:
 
     def encoder_outputs(self, batch: int | None = None) -> list[list]:
         state = [self.layers, batch, self.hidden]
-        return [[batch, *shape[1:]] for shape in self.context.values()] + [state, state]
+        return ([[batch, *shape[1:]] for shape in self.context.values()] + [state, state]
+                + [[batch, *shape[1:]] for shape in self.classes.values()])
 
     def check_encoder(self, sess, name: str) -> None:
         self._check_metadata(sess, name)
@@ -86,7 +90,7 @@ class GraphChecker:
         self._check_values(name, "output", sess.get_outputs(), self.encoder_outputs())
         # start() takes the initial state and the context from the encoder's outputs by name.
         self._check_names(name, "outputs", sess.get_outputs(),
-                          [*self.context, *(f"{s}0" for s in state_inputs(self.meta))])
+                          [*self.context, *(f"{s}0" for s in state_inputs(self.meta)), *self.classes])
 
     def check_decoder(self, sess, name: str) -> None:
         self._check_metadata(sess, name)
@@ -229,15 +233,21 @@ class OnnxCaptioner:
         self.providers = self.encoder.get_providers()
         self.preprocessing = Preprocessing.from_dict(self.meta["preprocessing"])
         self.max_len = int(self.meta["max_len"])
+        self.classifier = classifier(self.meta)  # the encoder's class probabilities, if it returns them
 
     def start(self, images: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
         """Preprocessed images [B,3,S,S] -> (initial state (h0, c0), per-image context)."""
+        return self.start_with_classes(images)[:2]
+
+    def start_with_classes(self, images: np.ndarray):
+        """As `start`, and the class probabilities [B, classes] of an encoder that has a classifier (else None)."""
         name = self.meta["files"]["encoder"]
         names = [o.name for o in self.encoder.get_outputs()]
         outputs = _run(self.encoder, name, {"images": images.astype(np.float32)})
         self.checker.check_arrays(name, outputs, self.checker.encoder_outputs(len(images)))
         by_name = dict(zip(names, outputs, strict=True))
-        return (by_name["h0"], by_name["c0"]), tuple(by_name[n] for n in self.context_names)
+        probs = by_name[self.classifier["output"]] if self.classifier else None
+        return (by_name["h0"], by_name["c0"]), tuple(by_name[n] for n in self.context_names), probs
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """Preprocessed images -> initial state (h0, c0); decoding an attention bundle also needs `start`'s context."""

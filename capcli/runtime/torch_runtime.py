@@ -10,6 +10,7 @@ import torch
 from capcli.backbone import Preprocessing
 from capcli.model import checkpoint, decoders
 from capcli.model.attention import grid_positions
+from capcli.model.finetune import grid_extractor
 from capcli.model.steps import torch_step
 
 
@@ -28,8 +29,14 @@ class TorchCaptioner:
         self.kind = decoders.kind_of(ckpt)
         checkpoint.check_matches(ckpt, self.backbone_spec.name, decoders.feature_dim(self.backbone_spec, self.kind))
         self.decoder = checkpoint.build_decoder(ckpt).to(device)
-        build = self.backbone_spec.build_grid if self.kind == "attention" else self.backbone_spec.build
-        self.backbone = build(weights or ckpt["weights"]).to(device)
+        # The backbone's grid, or its trunk and the run's tuned tail; with the classes of its classifier, as export.
+        self.classifier = None
+        if self.kind == "attention":
+            head = self.backbone_spec.classifier
+            self.backbone = grid_extractor(self.backbone_spec, ckpt, weights, classes=head is not None).to(device)
+            self.classifier = {"labels": head.labels, "classes": head.classes, "output": "classes"} if head else None
+        else:
+            self.backbone = self.backbone_spec.build(weights or ckpt["weights"]).to(device)
         self.grid = self.backbone_spec.grid if self.kind == "attention" else None
         self.vocab = Vocabulary.from_json(ckpt["vocab"])
         self.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
@@ -38,13 +45,21 @@ class TorchCaptioner:
         self.step = torch_step(self.decoder, device)
         self.checkpoint = ckpt
 
-    @torch.inference_mode()
     def start(self, images: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
         """Preprocessed images [B,3,S,S] float32 -> (initial state (h0, c0), per-image context)."""
+        return self.start_with_classes(images)[:2]
+
+    @torch.inference_mode()
+    def start_with_classes(self, images: np.ndarray):
+        """As `start`, and the class probabilities [B, classes] when the backbone has a classifier (else None)."""
         features = self.backbone(torch.from_numpy(images).to(self.device))
+        probs = None
+        if isinstance(features, tuple):
+            features, probs = features[0], features[1].float().cpu().numpy()
         if self.kind == "attention":
             features = grid_positions(features)
-        return decoders.start(self.decoder, features)
+        state, context = decoders.start(self.decoder, features)
+        return state, context, probs
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """Preprocessed images [B,3,S,S] float32 -> initial state (h0, c0)."""

@@ -99,6 +99,8 @@ class CaptionOptions(BaseModel):
     allow_unk: bool = Field(False, description="Let <unk> be generated (never, by default).")
     no_repeat_ngram: int = Field(DEFAULT_GUARDS.no_repeat_ngram, ge=0, le=MAX_NGRAM,
                                  description="No n-gram of this length twice in a caption (0 = off).")
+    guidance: bool = Field(True, description="Let the backbone's classifier steer the words (bundles whose encoder "
+                                             "returns classes); each result then says what it saw.")
 
     @model_validator(mode="after")
     def _n_best_within_beam(self) -> CaptionOptions:
@@ -200,10 +202,11 @@ def hypothesis_json(hypothesis) -> dict:
     return _as_json({"caption": caption, "score": float(score), **({"attention": extra[0]} if extra else {})})
 
 
-def image_result(name: str, hypotheses: list) -> dict:
+def image_result(name: str, hypotheses: list, classes=None) -> dict:
     alternatives = [hypothesis_json(h) for h in hypotheses]
     best = alternatives[0]
-    return {"filename": name, **best, "alternatives": alternatives}
+    return {"filename": name, **best, "alternatives": alternatives,
+            **({"classes": classes.to_json()} if classes is not None else {})}
 
 
 async def _read_uploads(request: Request, settings: ServeSettings) -> tuple[list[tuple[str, bytes]], dict]:
@@ -297,7 +300,9 @@ def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettin
             answer = reading.submit(images, options)
         done = await asyncio.wrap_future(answer)
         timings = {"read": read_ms, **done.timings_ms, "total": (time.perf_counter() - started) * 1e3}
-        results = [image_result(name, hyps) for name, hyps in zip(names, done.hypotheses, strict=True)]
+        classes = done.classes or [None] * len(names)
+        results = [image_result(name, hyps, seen)
+                   for name, hyps, seen in zip(names, done.hypotheses, classes, strict=True)]
         return JSONResponse({"model": bundle.name, "options": asdict(options), "results": results,
                              "batch_images": done.batch_images,
                              "timings_ms": {k: round(v, 2) for k, v in timings.items()}})

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from capcli.errors import CapcliError
-from capcli.runtime.captioner import DEFAULT_GUARDS, Guards, Sampling, decode_states, start_batch
+from capcli.runtime.captioner import (
+    DEFAULT_GUARDS,
+    DEFAULT_GUIDANCE,
+    NO_GUIDANCE,
+    Guards,
+    Sampling,
+    decode_states,
+    guidance_bias,
+    start_batch_classes,
+)
 
 
 class ServerBusy(CapcliError):
@@ -41,6 +50,7 @@ class DecodeOptions:
     seed: int = 0
     allow_unk: bool = False
     no_repeat_ngram: int = DEFAULT_GUARDS.no_repeat_ngram
+    guidance: bool = True
 
     def sampling(self) -> Sampling | None:
         return Sampling(self.temperature, self.top_k, self.seed) if self.sample else None
@@ -56,6 +66,7 @@ class Captioned:
     hypotheses: list[list]
     timings_ms: dict[str, float]
     batch_images: int
+    classes: list | None = None  # per image, what the classifier saw (capcli.guidance.ImageClasses), or None
 
 
 @dataclass
@@ -177,14 +188,16 @@ class MicroBatcher:
         try:
             options = jobs[0].options
             images = np.concatenate([job.images for job in jobs])
-            hypotheses, encode_s, decode_s = [], 0.0, 0.0
+            hypotheses, classes, encode_s, decode_s = [], [], 0.0, 0.0
             for chunk in _chunks(images, self.max_batch):
                 t0 = time.perf_counter()
-                state, context = start_batch(self.captioner, chunk)  # context: attention bundles
+                state, context, probs = start_batch_classes(self.captioner, chunk)  # context: attention bundles
                 t1 = time.perf_counter()
+                bias, seen = guidance_bias(self.captioner, probs, DEFAULT_GUIDANCE if options.guidance else NO_GUIDANCE)
+                classes += seen if seen is not None else [None] * len(chunk)
                 hypotheses += decode_states(self.captioner, state, options.beam_size, options.n_best,
                                             sampling=options.sampling(), context=context,
-                                            attention=self.with_attention, guards=options.guards())
+                                            attention=self.with_attention, guards=options.guards(), bias=bias)
                 encode_s, decode_s = encode_s + t1 - t0, decode_s + time.perf_counter() - t1
         except Exception as exc:  # the server must outlive any failure of one batch
             for job in jobs:
@@ -197,7 +210,8 @@ class MicroBatcher:
         for job in jobs:
             n = len(job.images)
             timings = {"queue": (started - job.queued_at) * 1e3, "encode": encode_s * 1e3, "decode": decode_s * 1e3}
-            job.future.set_result(Captioned(hypotheses[offset : offset + n], timings, len(images)))
+            job.future.set_result(Captioned(hypotheses[offset : offset + n], timings, len(images),
+                                            classes[offset : offset + n]))
             offset += n
 
 

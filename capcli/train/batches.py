@@ -3,7 +3,12 @@
 Both sources yield `(caption indices, decoder inputs)` where the inputs are the keyword arguments of
 the decoder's forward besides the tokens: `{"features": [N, D]}` for the pooled decoder, and
 `{"grid": [U, P, C], "rows": [N]}` for the attention decoder, with each image of the batch read and
-encoded once however many of its captions the batch holds.
+encoded once however many of its captions the batch holds. (With --finetune the "grid" rows are the trunk's
+output, which the tuned tail turns into the grid.)
+
+Flip augmentation: given a second cache of the same rows made from mirrored images and, per epoch, which images
+to show mirrored (`flips`, [images] bool), each image's row comes from one cache or the other, and the inputs
+carry `"flipped"` [N]: the captions whose image is mirrored (the loop swaps their left and right).
 """
 
 from __future__ import annotations
@@ -23,32 +28,53 @@ class PooledFeatures:
     the training loop.
     """
 
-    def __init__(self, cache, device: str):
-        feats = torch.from_numpy(np.array(cache.features))  # float16 copy in RAM; float32 per batch
-        self.feats = feats.to(device) if device.startswith("cuda") else feats
+    def __init__(self, cache, device: str, flipped=None):
         self.device = device
+        self.feats = self._held(cache)
+        self.mirrored = self._held(flipped) if flipped is not None else None
 
-    def batches(self, rows: torch.Tensor, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, dict]]:
+    def _held(self, cache) -> torch.Tensor:
+        feats = torch.from_numpy(np.array(cache.features))  # float16 copy in RAM; float32 per batch
+        return feats.to(self.device) if self.device.startswith("cuda") else feats
+
+    def batches(self, rows: torch.Tensor, batches: list[torch.Tensor],
+                flips: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, dict]]:
         for idx in batches:
-            yield idx, {"features": self.feats[rows[idx]].to(self.device, non_blocking=True)}
+            picked = rows[idx]
+            if flips is None or self.mirrored is None:
+                yield idx, {"features": self.feats[picked].to(self.device, non_blocking=True)}
+                continue
+            flipped = flips[picked]
+            feats = torch.where(flipped.to(self.feats.device)[:, None], self.mirrored[picked], self.feats[picked])
+            yield idx, {"features": feats.to(self.device, non_blocking=True), "flipped": flipped}
 
     def images(self, rows: list[int]) -> torch.Tensor:
         return self.feats[rows].to(self.device)
 
 
 class _GridBatches(torch.utils.data.Dataset):
-    """Item i is batch i: (caption indices, the distinct grids it needs [U, P, C], each caption's grid [N])."""
+    """Item i is batch i: (caption indices, the distinct grids it needs [U, P, C], each caption's grid [N],
+    which of the distinct grids are mirrored [U] or None)."""
 
-    def __init__(self, reader: RowReader, rows: torch.Tensor, batches: list[torch.Tensor]):
+    def __init__(self, reader: RowReader, rows: torch.Tensor, batches: list[torch.Tensor],
+                 mirrored: RowReader | None = None, flips: torch.Tensor | None = None):
         self.reader, self.rows, self.batches = reader, rows, batches
+        self.mirrored, self.flips = (mirrored, flips) if mirrored is not None and flips is not None else (None, None)
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int):
         idx = self.batches[i]
         unique, inverse = torch.unique(self.rows[idx], return_inverse=True)
-        return idx, torch.from_numpy(self.reader.read(unique.numpy())), inverse
+        if self.mirrored is None:
+            return idx, torch.from_numpy(self.reader.read(unique.numpy())), inverse, None
+        flipped = self.flips[unique]
+        grid = np.empty((len(unique), *self.reader.row_shape), dtype=self.reader.dtype)
+        for reader, which in ((self.reader, ~flipped), (self.mirrored, flipped)):
+            if which.any():
+                grid[which.numpy()] = reader.read(unique[which].numpy())
+        return idx, torch.from_numpy(grid), inverse, flipped
 
 
 class GridFeatures:
@@ -59,27 +85,59 @@ class GridFeatures:
     every core to the decoder.
     """
 
-    def __init__(self, cache, device: str, workers: int | None = None):
+    def __init__(self, cache, device: str, workers: int | None = None, flipped=None):
         self.reader = RowReader(cache.path / "features.npy")
+        self.mirrored = RowReader(flipped.path / "features.npy") if flipped is not None else None
         self.device = device
         self.cuda = device.startswith("cuda")
         self.workers = (2 if self.cuda else 0) if workers is None else workers
 
-    def batches(self, rows: torch.Tensor, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, dict]]:
+    def batches(self, rows: torch.Tensor, batches: list[torch.Tensor],
+                flips: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, dict]]:
         loader = torch.utils.data.DataLoader(
-            _GridBatches(self.reader, rows, batches), batch_size=None, shuffle=False,
+            _GridBatches(self.reader, rows, batches, self.mirrored, flips), batch_size=None, shuffle=False,
             num_workers=self.workers, pin_memory=self.cuda, persistent_workers=False,
         )
-        for idx, grid, inverse in loader:
-            yield idx, {"grid": grid.to(self.device, non_blocking=True),
-                        "rows": inverse.to(self.device, non_blocking=True)}
+        for idx, grid, inverse, flipped in loader:
+            inputs = {"grid": grid.to(self.device, non_blocking=True),
+                      "rows": inverse.to(self.device, non_blocking=True)}
+            if flipped is not None:
+                inputs["flipped"] = flipped[inverse]
+            yield idx, inputs
 
     def images(self, rows: list[int]) -> torch.Tensor:
         return torch.from_numpy(self.reader.read(rows)).to(self.device)
 
 
-def feature_source(cache, output: str, device: str) -> PooledFeatures | GridFeatures:
-    return GridFeatures(cache, device) if output == "grid" else PooledFeatures(cache, device)
+class TunedGrids:
+    """Trunk rows seen through a fixed tuned tail: `images(rows)` gives grid rows (SCST on a fine-tuned run)."""
+
+    def __init__(self, source: GridFeatures, tail: torch.nn.Module):
+        self.source, self.tail = source, tail.eval()
+
+    @torch.no_grad()
+    def images(self, rows: list[int]) -> torch.Tensor:
+        return self.tail(self.source.images(rows))
+
+
+def feature_source(cache, output: str, device: str, flipped=None) -> PooledFeatures | GridFeatures:
+    """The batch source for a cache of `output` rows; `flipped`: the same rows' cache of mirrored images."""
+    if output == "pooled":
+        return PooledFeatures(cache, device, flipped)
+    return GridFeatures(cache, device, flipped=flipped)
+
+
+def swap_words(tokens: torch.Tensor, flipped: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """The captions of mirrored images with each pair's words swapped ("left" <-> "right")."""
+    if not pairs or not bool(flipped.any()):
+        return tokens
+    tokens = tokens.clone()
+    rows = tokens[flipped]
+    swapped = rows.clone()
+    for a, b in pairs:
+        swapped[rows == a], swapped[rows == b] = b, a
+    tokens[flipped] = swapped
+    return tokens
 
 
 def grouped_order(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -11,6 +11,7 @@ import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
+from capcli.backbone import RESIZE_MODES
 from capcli.errors import CapcliError
 from capcli.model import DECODER_KINDS
 
@@ -107,6 +108,9 @@ RULES = {
     "select_on": _one_of(("cider", "loss")),
     "label_smoothing": _number_in(0, 1, low_open=False, high_open=True),
     "precision": _one_of(("auto", "bf16", "fp32")),
+    "resize_mode": _one_of(("auto", *RESIZE_MODES)),
+    "split": _optional(_text),
+    "backbone_lr": _positive_number,
 }
 
 
@@ -188,6 +192,13 @@ class TrainConfig:
     select_on: str = "cider"  # best.pt and early stopping: "cider" (val CIDEr-D of greedy captions) or "loss"
     label_smoothing: float = 0.1
     precision: str = "auto"  # matrix products in "bf16" or "fp32"; auto: bf16 where the device computes it natively
+    # How photos are framed (capcli.backbone.RESIZE_MODES); auto: squash when the training images are square
+    # (capcli.images.auto_resize_mode). A run records the mode it resolved, so a resumed run keeps it.
+    resize_mode: str = "auto"
+    finetune: bool = False  # train the backbone's tail (after its split point) with the attention decoder
+    split: str | None = None  # the split point to fine-tune from (None: the backbone's default)
+    backbone_lr: float = 1e-4  # the tail's Adam learning rate (the decoder's is lr)
+    flip: bool = False  # augmentation: each epoch shows about half the training images mirrored left to right
     seed: int = 0
     device: str = "auto"
     workers: int | None = None

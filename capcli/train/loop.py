@@ -3,6 +3,9 @@
 Whole captions go through the LSTM in one forward with teacher forcing; the loss ignores padding.
 `decoder` picks the pooled decoder (one feature vector per image) or the attention decoder (the
 backbone's feature grid, read batch by batch from its cache file); the loop is the same for both.
+With `finetune` the cache holds a split point's trunk output and the backbone's tail trains with the
+attention decoder (`capcli.model.finetune`); with `flip` each epoch shows about half the training images
+mirrored (their features cached once beside the originals), "left" and "right" swapped in their captions.
 Run under `torchrun -m capcli train ...` it becomes DistributedDataParallel (NCCL on GPU, gloo on
 CPU): every rank takes its share of each epoch's shuffled captions and only rank 0 writes.
 """
@@ -23,9 +26,10 @@ from capcli.devices import matmul_dtype
 from capcli.errors import CapcliError
 from capcli.model import checkpoint, decoders
 from capcli.model.attention import AttentionConfig, doubly_stochastic
+from capcli.model.finetune import FineTuned, build_tail, load_tail, tail_entry
 from capcli.model.pooled import DecoderConfig
 from capcli.paths import atomic_write_json
-from capcli.train.batches import batches_for_rank, feature_source
+from capcli.train.batches import batches_for_rank, feature_source, swap_words
 from capcli.train.captions import encode_split
 from capcli.train.config import TrainConfig
 from capcli.train.distributed import (
@@ -48,6 +52,8 @@ from capcli.train.run_folder import (
 # benchmarks/bench_decoders.py: the attention decoder is right more often on every checkable figure of the
 # synthetic set; a backbone that declares no grid gets the pooled decoder.
 DEFAULT_DECODER = "attention"
+FLIP_SEED = 777_777  # offsets the per-epoch seed of which images are mirrored from the shuffle's
+SWAPPED_WORDS = (("left", "right"),)  # what a mirrored photo's captions exchange
 
 
 def caption_loss(
@@ -78,9 +84,20 @@ def trim(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     return tokens[:, :width]
 
 
-def run_epoch(model, table, feats, opt, cfg, epoch, rank, world, device, bar, task) -> dict:
+def epoch_flips(cfg: TrainConfig, images: int, epoch: int) -> torch.Tensor | None:
+    """Which images this epoch shows mirrored (each with probability 1/2, drawn per epoch), or None without flip."""
+    if not cfg.flip:
+        return None
+    return torch.rand(images, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch + FLIP_SEED)) < 0.5
+
+
+def swapped_pairs(vocab) -> list[tuple[int, int]]:
+    return [(vocab.stoi[a], vocab.stoi[b]) for a, b in SWAPPED_WORDS if a in vocab.stoi and b in vocab.stoi]
+
+
+def run_epoch(model, table, feats, opt, cfg, epoch, rank, world, device, bar, task, flips=None, swaps=()) -> dict:
     """One pass over this rank's shuffled captions (`feats`: a `capcli.train.batches` source); a single process
-    stops at a non-finite loss."""
+    stops at a non-finite loss. `flips`: which images are shown mirrored, with the word pairs `swaps` exchanged."""
     model.train()
     low_precision = matmul_dtype(cfg.precision, device) != torch.float32
     model_cfg = model.module.cfg if hasattr(model, "module") else model.cfg
@@ -89,8 +106,11 @@ def run_epoch(model, table, feats, opt, cfg, epoch, rank, world, device, bar, ta
     batches = batches_for_rank(len(table.rows), cfg.batch_size, cfg.seed * 1000 + epoch, rank, world, groups)
     bar.reset(task, total=len(batches))
     total_loss, total_penalty, total_tokens, start = 0.0, 0.0, 0, time.perf_counter()
-    for idx, inputs in feats.batches(table.rows, batches):
-        tokens = trim(table.tokens[idx], pad).to(device, non_blocking=True)
+    for idx, inputs in feats.batches(table.rows, batches, flips):
+        tokens = table.tokens[idx]
+        if "flipped" in inputs:
+            tokens = swap_words(tokens, inputs.pop("flipped"), swaps)
+        tokens = trim(tokens, pad).to(device, non_blocking=True)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low_precision):
             loss, n_tokens, penalty = caption_loss(model, inputs, tokens, pad, reg, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
@@ -127,8 +147,9 @@ def validation_loss(decoder, table, feats, device, batch_size: int = 256) -> flo
 
 
 @torch.no_grad()
-def generated_scores(decoder, table, feats, cache, vocab, sample: int, device) -> dict:
-    """BLEU-4 and CIDEr-D of greedy captions on a bounded, fixed sample of validation images."""
+def generated_scores(decoder, table, feats, cache, vocab, sample: int, device, tail=None) -> dict:
+    """BLEU-4 and CIDEr-D of greedy captions on a bounded, fixed sample of validation images (`tail`: the tuned
+    tail that turns cached trunk rows into grids)."""
     from capcli.decode import greedy
     from capcli.metrics import score_captions
     from capcli.model.steps import torch_step
@@ -138,7 +159,8 @@ def generated_scores(decoder, table, feats, cache, vocab, sample: int, device) -
     candidates = {}
     for start in range(0, len(images), 250):  # bounded memory: a grid batch of 250 images is ~60 MB
         chunk = images[start : start + 250]
-        state, context = decoders.start(decoder, feats.images([row_of[i] for i in chunk]))
+        rows = feats.images([row_of[i] for i in chunk])
+        state, context = decoders.start(decoder, tail(rows) if tail is not None else rows)
         hyps = greedy(torch_step(decoder, device), state, vocab.start_id, vocab.end_id, context=context,
                       never=vocab.not_words)
         candidates.update({img: vocab.decode(h.tokens) for img, h in zip(chunk, hyps, strict=True)})
@@ -168,7 +190,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     from capcli.data.readers import load_dataset, stored_dataset, stored_images
     from capcli.data.text import build_vocabulary, check_coverage
     from capcli.devices import resolve_device
-    from capcli.features.cache import load_features
+    from capcli.features.cache import load_features, trunk_output
     from capcli.features.extraction import extract
     from capcli.registry import get_backbone
     from capcli.train.config import settings_for_resume
@@ -179,6 +201,8 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         cfg = settings_for_resume(cfg, resume_ckpt.get("train_config", {}))
         if "select_on" not in resume_ckpt.get("train_config", {}):  # written before selection on CIDEr-D
             cfg = replace(cfg, select_on="loss")
+        if "resize_mode" not in resume_ckpt.get("train_config", {}):  # written before resize modes: crop
+            cfg = replace(cfg, resize_mode="crop")
     cfg.validate()
     device = resolve_device(cfg.device)
     rank, world = setup_distributed(device)
@@ -194,11 +218,17 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     feature_dim = decoders.feature_dim(backbone, cfg.decoder)  # names the plugin when it has no grid
     if cfg.feature_input and cfg.decoder != "pooled":
         raise CapcliError("--feature-input is an option of the pooled decoder; the attention decoder reads the grid")
+    if cfg.finetune:
+        if cfg.decoder != "attention":
+            raise CapcliError("--finetune trains the backbone's tail with the attention decoder; drop --decoder pooled")
+        cfg = replace(cfg, split=backbone.split(cfg.split).name)  # the default split gets its name
+        output = trunk_output(cfg.split)
     if resume_ckpt is not None:  # before extracting: a decoder mix-up must not cost a feature pass
         checkpoint.check_matches(resume_ckpt, backbone.name, feature_dim, decoder=cfg.decoder)
     ds = load_dataset(cfg.dataset, images=cfg.images, seed=cfg.seed)
     for note in ds.notes if rank == 0 else []:
         err.print(f"note: {note}", markup=False)
+    cfg, backbone = resolve_resize_mode(cfg, backbone, ds)
     check_coverage(ds, cfg.threshold)
     vocab = build_vocabulary(ds, cfg.threshold)
     if resume_ckpt is not None:
@@ -206,36 +236,44 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     out = check_run_dir(cfg) if rank == 0 else run_dir(cfg)
 
     if rank == 0:  # features are extracted once, by one process
-        extract(backbone, ds, cfg.weights, cfg.feature_batch_size, cfg.workers, device, show_progress,
-                output=output, engine=cfg.engine)
+        for flip in (False, True) if cfg.flip else (False,):
+            extract(backbone, ds, cfg.weights, cfg.feature_batch_size, cfg.workers, device, show_progress,
+                    output=output, engine=cfg.engine, flip=flip)
     barrier(world)
     cache = load_features(backbone, cfg.weights, ds, output)
     if cache.failed and rank == 0:
         err.print(f"{len(cache.failed)} images could not be read and are left out (see {cache.path}/meta.json)")
-    feats = feature_source(cache, output, device)
+    flipped = load_features(backbone, cfg.weights, ds, output, flip=True) if cfg.flip else None
+    feats = feature_source(cache, output, device, flipped)
 
     train_table = encode_split(ds, "train", vocab, cache, cfg.max_len)
     val_table = encode_split(ds, "val", vocab, cache, cfg.max_len)
 
     model_cfg = decoder_config(cfg, feature_dim, len(vocab), vocab.pad_id)
-    # Seeded here, after feature extraction: building a backbone draws from the global RNG, and whether the
-    # cache was cold must not change the decoder's initial weights or the run's dropout masks.
+    tail = build_tail(backbone, cfg.weights, cfg.split).to(device) if cfg.finetune else None
+    # Seeded here, after feature extraction and the tail: building a backbone draws from the global RNG, and
+    # whether the cache was cold must not change the decoder's initial weights or the run's dropout masks.
     torch.manual_seed(cfg.seed)
     decoder = decoders.build(cfg.decoder, model_cfg).to(device)
-    opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+    trained = FineTuned(tail, decoder) if tail is not None else decoder
+    groups = [{"params": decoder.parameters(), "lr": cfg.lr}]
+    groups += [{"params": tail.parameters(), "lr": cfg.backbone_lr}] if tail is not None else []
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
     history: list[dict] = []
     start_epoch, best_score, stale = 0, -math.inf, 0
     if resume_ckpt is not None:
         decoder.load_state_dict(resume_ckpt["model"])
+        if tail is not None:
+            load_tail(tail.tail, resume_ckpt["tail"], backbone.name)
         opt.load_state_dict(resume_ckpt["optimizer"])
         sched.load_state_dict(resume_ckpt["scheduler"])
         start_epoch, stale = resume_ckpt["epoch"] + 1, resume_ckpt["stale"]
         best_score = resume_ckpt.get("best_score", -resume_ckpt["best_val_loss"])
         history = resume_ckpt["history"]
-    model = decoder
+    model = trained
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[device] if "cuda" in device else None)
+        model = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device] if "cuda" in device else None)
 
     if rank == 0:
         make_run_dir(out)
@@ -252,6 +290,7 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
             "backbone": backbone.name, "weights": cfg.weights, "feature_dim": feature_dim, "decoder": cfg.decoder,
             "grid": backbone.require_grid().to_dict() if cfg.decoder == "attention" else None,
             "preprocessing": backbone.preprocessing.to_dict(), "max_len": cfg.max_len,
+            **({"tail": tail_entry(tail, cfg.split)} if tail is not None else {}),
             "dataset": ds.name, "dataset_fingerprint": ds.fingerprint(), "train_config": asdict(cfg),
             "rng": rng,
         }
@@ -263,18 +302,19 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
         task = bar.add_task("train", total=1, info="")
         for epoch in range(start_epoch, cfg.epochs):
             bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs}")
-            stats = run_epoch(model, train_table, feats, opt, cfg, epoch, rank, world, device, bar, task)
+            stats = run_epoch(model, train_table, feats, opt, cfg, epoch, rank, world, device, bar, task,
+                              epoch_flips(cfg, len(cache.images), epoch), swapped_pairs(vocab))
             check_finite(mean_over_ranks(stats["train_loss"], world, device), "training", epoch, cfg, out, bar)
             stats.update(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
             sched.step()
-            stats["val_loss"] = mean_over_ranks(validation_loss(decoder, val_table, feats, device), world, device)
+            stats["val_loss"] = mean_over_ranks(validation_loss(trained, val_table, feats, device), world, device)
             check_finite(stats["val_loss"], "validation", epoch, cfg, out, bar)
             rng = gather_rng_states(world)  # as the next epoch will find them
-            stats["param_checksums"] = all_equal_checksums(decoder, world)
+            stats["param_checksums"] = all_equal_checksums(trained, world)
             if len(set(stats["param_checksums"])) != 1:
                 raise CapcliError(f"distributed ranks disagree on weights at epoch {epoch + 1}")
             # Every rank scores the same greedy captions with the same weights, so they agree on "improved".
-            stats.update(generated_scores(decoder, val_table, feats, cache, vocab, cfg.val_sample, device))
+            stats.update(generated_scores(decoder, val_table, feats, cache, vocab, cfg.val_sample, device, tail))
             score = selection_score(stats, cfg.select_on)
             improved = score > best_score + 1e-4
             best_score, stale = (score, 0) if improved else (best_score, stale + 1)
@@ -296,6 +336,15 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     if world > 1:
         torch.distributed.destroy_process_group()
     return out
+
+
+def resolve_resize_mode(cfg: TrainConfig, backbone, ds):
+    """(cfg, backbone) with the run's resize mode settled (`capcli.images.resize_mode_for`); the backbone then
+    frames photos that way, in its features and checkpoints (config.json and the training table name it)."""
+    from capcli.images import resize_mode_for
+
+    mode, _ = resize_mode_for(cfg.resize_mode, ds)
+    return replace(cfg, resize_mode=mode), backbone.with_resize_mode(mode)
 
 
 def selection_score(stats: dict, select_on: str) -> float:

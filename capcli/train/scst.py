@@ -40,7 +40,7 @@ from capcli.devices import matmul_dtype
 from capcli.errors import CapcliError
 from capcli.model import checkpoint, decoders
 from capcli.paths import atomic_write_bytes
-from capcli.train.batches import batches_for_rank, feature_source
+from capcli.train.batches import TunedGrids, batches_for_rank, feature_source
 from capcli.train.captions import encode_split
 from capcli.train.distributed import (
     all_equal_checksums,
@@ -253,8 +253,9 @@ def scst(cfg: ScstConfig, show_progress: bool = True) -> Path:
     from capcli.data.readers import stored_dataset, stored_images
     from capcli.data.text import Vocabulary, build_vocabulary
     from capcli.devices import resolve_device
-    from capcli.features.cache import load_features
+    from capcli.features.cache import load_features, trunk_output
     from capcli.features.extraction import extract
+    from capcli.model.finetune import tuned_tail
     from capcli.registry import get_backbone
     from capcli.train.cider import CiderD
 
@@ -278,8 +279,9 @@ def scst(cfg: ScstConfig, show_progress: bool = True) -> Path:
         torch.cuda.set_device(device)
 
     kind = decoders.kind_of(xe)
-    backbone = get_backbone(xe["backbone"])
-    output = decoders.feature_output(kind)
+    # Photos framed as the run's were; a fine-tuned run reads its trunk rows through its tuned tail, kept fixed.
+    backbone = get_backbone(xe["backbone"]).with_resize_mode(xe.get("preprocessing", {}).get("resize_mode", "crop"))
+    output = trunk_output(xe["tail"]["split"]) if xe.get("tail") else decoders.feature_output(kind)
     feature_dim = decoders.feature_dim(backbone, kind)
     ds = run_dataset(cfg, xe)
     vocab = Vocabulary.from_json(xe["vocab"])
@@ -291,6 +293,8 @@ def scst(cfg: ScstConfig, show_progress: bool = True) -> Path:
     barrier(world)
     cache = load_features(backbone, xe["weights"], ds, output)
     feats = feature_source(cache, output, device)
+    if xe.get("tail"):
+        feats = TunedGrids(feats, tuned_tail(backbone, xe).to(device))
     row_of = cache.row_index()
     max_len = int(xe["max_len"])
     train_table = encode_split(ds, "train", vocab, cache, max_len)

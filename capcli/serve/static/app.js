@@ -22,6 +22,7 @@ function formOptions() {
   const fields = {};
   for (const name of ["beam_size", "n_best"]) fields[name] = form.elements[name].value;
   if (Number(fields.n_best) > Number(fields.beam_size)) fields.n_best = fields.beam_size;
+  if (!form.elements.guidance.checked) fields.guidance = "false";
   if (form.elements.sample.checked) {
     fields.sample = "true";
     for (const name of ["temperature", "top_k", "seed"]) fields[name] = form.elements[name].value;
@@ -58,9 +59,22 @@ function showResult(card, result, timings) {
     item.append(alt.caption, score);
     list.append(item);
   }
+  if (result.classes) $(".classes", card).textContent = describeClasses(result.classes);
   if (result.attention) drawAttention($(".attention", card), $("img", card), result);
   $(".timings", card).textContent = `${timings.total.toFixed(0)} ms: read ${timings.read.toFixed(0)}, ` +
     `queue ${timings.queue.toFixed(0)}, encoder ${timings.encode.toFixed(0)}, decoder ${timings.decode.toFixed(0)}`;
+}
+
+// What the backbone's classifier saw, and the words it steered the caption to or held back.
+function describeClasses(seen) {
+  const parts = [];
+  if (seen.classes.length) {
+    parts.push("classifier: " + seen.classes.map((c) => `${c.name} ${Math.round(100 * c.p)} %`).join(", "));
+  }
+  const boosted = Object.keys(seen.boosted);
+  if (boosted.length) parts.push("steered to: " + boosted.join(", "));
+  if (seen.ruled_out.length) parts.push("held back: " + seen.ruled_out.join(", "));
+  return parts.join("; ");
 }
 
 // Attention bundles return, per generated word, weights over the encoder's grid of positions.

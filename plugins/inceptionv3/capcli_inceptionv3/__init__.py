@@ -1,4 +1,6 @@
 """capcli backbone plugin: Inception v3 from torchvision, 2048-d average-pooled features; grid: Mixed_7c, 2048 x 8x8.
+Split point for fine-tuning: before Mixed_7b (the trunk gives Mixed_7a's 1280 x 8x8; the tail is Mixed_7b and
+Mixed_7c, 11 M parameters); classifier: the ImageNet head (average pool + fc) on the grid.
 
 Importing this module must stay torch-free (`capcli backbones` lists plugins without torch);
 torch and torchvision are imported inside the builder.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from capcli.backbone import Backbone, Grid, Preprocessing, pretrained_model
+from capcli.backbone import Backbone, Classifier, Grid, Preprocessing, Split, pretrained_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -75,6 +77,24 @@ def _build_grid(weights: str) -> nn.Module:
     return nn.Sequential(TransformInput(), *body)
 
 
+_TAIL = ("Mixed_7b", "Mixed_7c")
+
+
+def _build_split(weights: str) -> tuple[nn.Module, nn.Module]:
+    from torch import nn
+
+    grid = _build_grid(weights)
+    cut = len(grid) - len(_TAIL)
+    return grid[:cut], grid[cut:]
+
+
+def _build_head(weights: str) -> nn.Module:
+    from torch import nn
+
+    model = _full_model(weights)
+    return nn.Sequential(model.avgpool, model.dropout, nn.Flatten(1), model.fc)
+
+
 backbone = Backbone(
     name=NAME,
     feature_dim=2048,
@@ -85,4 +105,6 @@ backbone = Backbone(
     "grid: Mixed_7c",
     grid=Grid(channels=2048, height=8, width=8),
     grid_builder=_build_grid,
+    splits=(Split("Mixed_7b", Grid(channels=1280, height=8, width=8), _build_split, "tail: Mixed_7b and Mixed_7c"),),
+    classifier=Classifier(labels="imagenet-1k", classes=1000, builder=_build_head),
 )

@@ -1,4 +1,6 @@
 """capcli backbone plugin: ResNet-152 from torchvision, 2048-d average-pooled features; grid: layer4, 2048 x 7x7.
+Split point for fine-tuning: before layer4 (the trunk gives layer3's 1024 x 14x14; the tail is layer4, 15 M
+parameters); classifier: the ImageNet head (average pool + fc) on the grid.
 
 Importing this module must stay torch-free (`capcli backbones` lists plugins without torch);
 torch and torchvision are imported inside the builder.
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from capcli.backbone import Backbone, Grid, Preprocessing, pretrained_model
+from capcli.backbone import Backbone, Classifier, Grid, Preprocessing, Split, pretrained_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,6 +41,21 @@ def _build_grid(weights: str) -> nn.Module:
     return nn.Sequential(*list(model.children())[:-2])
 
 
+def _build_split(weights: str) -> tuple[nn.Module, nn.Module]:
+    from torch import nn
+
+    model = _full_model(weights)
+    trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3)
+    return trunk, model.layer4
+
+
+def _build_head(weights: str) -> nn.Module:
+    from torch import nn
+
+    model = _full_model(weights)
+    return nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
+
+
 backbone = Backbone(
     name=NAME,
     feature_dim=2048,
@@ -48,4 +65,6 @@ backbone = Backbone(
     description="ResNet-152 (torchvision), 2048-d global average pool; grid: layer4",
     grid=Grid(channels=2048, height=7, width=7),
     grid_builder=_build_grid,
+    splits=(Split("layer4", Grid(channels=1024, height=14, width=14), _build_split, "tail: layer4"),),
+    classifier=Classifier(labels="imagenet-1k", classes=1000, builder=_build_head),
 )

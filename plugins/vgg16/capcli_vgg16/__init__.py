@@ -1,4 +1,6 @@
 """capcli backbone plugin: VGG-16 from torchvision, 4096-d fc7 features; grid: conv5_3, 512 x 14x14.
+Split point for fine-tuning: before conv5_1 (the trunk ends with pool4, 512 x 14x14; the tail is conv5_1-conv5_3
+with their ReLUs, 7.1 M parameters); classifier: the ImageNet head (pool5, the classifier's three layers) on the grid.
 
 Importing this module must stay torch-free (`capcli backbones` lists plugins without torch);
 torch and torchvision are imported inside the builder.
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from capcli.backbone import Backbone, Grid, Preprocessing, pretrained_model
+from capcli.backbone import Backbone, Classifier, Grid, Preprocessing, Split, pretrained_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -36,6 +38,18 @@ def _build_grid(weights: str) -> nn.Module:
     return _full_model(weights).features[:30]
 
 
+def _build_split(weights: str) -> tuple[nn.Module, nn.Module]:
+    features = _full_model(weights).features
+    return features[:24], features[24:30]  # [24] is conv5_1, after pool4
+
+
+def _build_head(weights: str) -> nn.Module:
+    from torch import nn
+
+    model = _full_model(weights)
+    return nn.Sequential(model.features[30], model.avgpool, nn.Flatten(1), model.classifier)
+
+
 backbone = Backbone(
     name=NAME,
     feature_dim=4096,
@@ -45,4 +59,6 @@ backbone = Backbone(
     description="VGG-16 (torchvision), 4096-d fc7 activations; grid: conv5_3 after its ReLU",
     grid=Grid(channels=512, height=14, width=14),
     grid_builder=_build_grid,
+    splits=(Split("features.24", Grid(channels=512, height=14, width=14), _build_split, "tail: conv5_1 to conv5_3"),),
+    classifier=Classifier(labels="imagenet-1k", classes=1000, builder=_build_head),
 )

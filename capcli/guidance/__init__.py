@@ -1,0 +1,146 @@
+"""The backbone's own classifier in the caption: the classes it sees in a photo, as words the decoder is steered to.
+
+Every bundled backbone is an ImageNet classifier, and an encoder that has the head returns the class
+probabilities beside the grid. A label set's shipped table (`imagenet-1k.json`, built from WordNet by
+`capcli.guidance.wordnet_table`) lists the nouns each class supports, nearest first. `ClassWords` applies it to
+one vocabulary: each class speaks through one caption word, the nearest the vocabulary holds, or a more general
+one the captions use far more often (basic-level naming: golden retriever -> dog, tabby -> cat; the vocabulary
+lists words most frequent first, so its order tells). Per image, a word's support is the summed probability of
+its classes, and `ClassWords.bias` turns supports into what decoding adds to the log-probabilities:
+- a bonus (shallow fusion) for confident words, `bonus` x support, until the caption holds the word;
+- a guard: an animal word that many classes speak through (dog: 118 breeds, bird, cat, ...) is held back, with
+  its plural, on a photo where their summed probability is tiny: the classifier rules it out. Only animals: ImageNet
+  covers them densely, while a ball or a building in a photo is often too small or too partial for its classes.
+Both are on by default where the encoder returns class probabilities (`GuideOptions`), and off with
+`GuideOptions(enabled=False)` (`--no-guidance`). numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from capcli.errors import CapcliError
+
+TABLES = {"imagenet-1k": Path(__file__).with_name("imagenet-1k.json")}
+BASIC_LEVEL_RATIO = 10  # a more general word replaces a class's nearest one when it ranks this many times higher
+BONUS_DEPTH = 1  # a class steers to its word only when that word names it or its direct hypernym (animals: any)
+GUARDED_COVERAGE = 5  # an animal word that at least this many classes speak through can be ruled out
+
+
+@dataclass(frozen=True)
+class GuideOptions:
+    """How the classifier guides decoding (the defaults were chosen on Flickr8k val and the COCO dev photos)."""
+
+    enabled: bool = True
+    bonus: float = 3.0  # added to a confident word's log-probability (x its support) until the caption holds it
+    min_support: float = 0.3  # a word is confident when its classes' probabilities sum to at least this
+    guard: float = 0.05  # a guarded word (and its plural) is held back below this support ...
+    penalty: float = 8.0  # ... by this much on its log-probability
+    top_classes: int = 3  # classes reported per image
+    constrain: bool = False  # constrained beam search: the caption must hold the most supported confident word
+
+
+@dataclass
+class ImageClasses:
+    """What the classifier said about one image and what decoding did with it."""
+
+    classes: list[tuple[str, float]]  # the most probable classes, (name, probability)
+    boosted: dict[str, float] = field(default_factory=dict)  # word -> support, steered towards
+    ruled_out: list[str] = field(default_factory=list)  # guarded words held back
+    required: int = -1  # the most supported boosted word's id (constrained beam search), -1: none
+
+    def to_json(self) -> dict:
+        return {"classes": [{"name": n, "p": round(p, 4)} for n, p in self.classes],
+                "boosted": {w: round(s, 4) for w, s in self.boosted.items()}, "ruled_out": self.ruled_out}
+
+
+@cache
+def load_table(labels: str) -> dict:
+    """A label set's shipped class table: {"labels", "source", "classes": [{"id", "name", "words"}]}."""
+    if labels not in TABLES:
+        raise CapcliError(f"unknown label set '{labels}'; available: {', '.join(TABLES)}")
+    return json.loads(TABLES[labels].read_text(encoding="utf-8"))
+
+
+class ClassWords:
+    """A label set's classes mapped onto one vocabulary (`itos`: most frequent word first, specials first)."""
+
+    def __init__(self, table: dict, itos: list[str]):
+        stoi = {w: i for i, w in enumerate(itos)}
+        self.labels, self.vocab_size = table["labels"], len(itos)
+        self.names = [c["name"].split(",")[0] for c in table["classes"]]
+        spoken = [_spoken_word(c["words"], stoi) for c in table["classes"]]
+        self.word_of = [w for w, _ in spoken]  # vocab id or -1
+        self.columns = np.array(sorted({w for w in self.word_of if w >= 0}), dtype=np.int64)
+        column = self.column_of = {w: j for j, w in enumerate(self.columns.tolist())}
+        self.matrix = np.zeros((len(self.names), len(self.columns)), dtype=np.float32)  # class -> its word
+        for c, w in enumerate(self.word_of):
+            if w >= 0:
+                self.matrix[c, column[w]] = 1.0
+        animal = np.array([bool(c.get("animal")) for c in table["classes"]])
+        # A general word a class reaches far up (bookcase -> furniture) says little about the photo: no bonus.
+        near = np.array([depth <= BONUS_DEPTH for _, depth in spoken]) | animal
+        self.bonus_matrix = self.matrix * near[:, None]
+        coverage = self.matrix[animal].sum(0) * (self.matrix[~animal].sum(0) == 0)  # words of animals only
+        self.guarded = [(int(self.columns[j]), [int(self.columns[j]), *_plural(itos[self.columns[j]], stoi)])
+                        for j in np.flatnonzero(coverage >= GUARDED_COVERAGE)]
+        self.itos = itos
+
+    def support(self, probs: np.ndarray) -> np.ndarray:
+        """Class probabilities [B, classes] -> each mapped word's support [B, len(columns)]."""
+        if probs.ndim != 2 or probs.shape[1] != len(self.names):
+            raise CapcliError(f"class probabilities of shape {probs.shape} do not fit the {self.labels} table "
+                              f"({len(self.names)} classes)")
+        return probs.astype(np.float32) @ self.matrix
+
+    def bias(self, probs: np.ndarray, options: GuideOptions = GuideOptions()) -> tuple[np.ndarray, list]:
+        """Per-image additions to the log-probabilities [B, V] (positive: a bonus until the word is used; negative:
+        a penalty at every step) and, per image, what the classifier saw (`ImageClasses`)."""
+        support = self.support(probs)
+        steer = probs.astype(np.float32) @ self.bonus_matrix  # support from classes a word names closely
+        bias = np.zeros((len(probs), self.vocab_size), dtype=np.float32)
+        found = []
+        for i in range(len(probs)):
+            top = np.argsort(-probs[i], kind="stable")[: options.top_classes]
+            seen = ImageClasses([(self.names[c], float(probs[i, c])) for c in top])
+            for j in np.flatnonzero(steer[i] >= options.min_support):
+                word = int(self.columns[j])
+                bias[i, word] = options.bonus * steer[i, j]
+                seen.boosted[self.itos[word]] = float(steer[i, j])
+                if seen.required < 0 or steer[i, j] > steer[i, self.column_of[seen.required]]:
+                    seen.required = word
+            for word, forms in self.guarded:
+                if support[i, self.column_of[word]] < options.guard:
+                    bias[i, forms] = -options.penalty
+                    seen.ruled_out.append(self.itos[word])
+            found.append(seen)
+        return bias, found
+
+
+def _spoken_word(words: list[list], stoi: dict[str, int]) -> tuple[int, int]:
+    """(vocabulary id, levels up) of the word a class speaks through: its nearest word the vocabulary holds,
+    replaced by a more general one that ranks BASIC_LEVEL_RATIO times higher (more frequent); (-1, -1) for none."""
+    chosen, depth = -1, -1
+    for word, levels in words:  # nearest first
+        rank = stoi.get(word, -1)
+        if rank < 0:
+            continue
+        if chosen < 0 or rank * BASIC_LEVEL_RATIO <= chosen:
+            chosen, depth = rank, levels
+    return chosen, depth
+
+
+def _plural(word: str, stoi: dict[str, int]) -> list[int]:
+    """The vocabulary ids of the word's regular plural."""
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        form = word + "es"
+    elif word.endswith("y") and word[-2:-1] not in "aeiou":
+        form = word[:-1] + "ies"
+    else:
+        form = word + "s"
+    return [stoi[form]] if form in stoi else []

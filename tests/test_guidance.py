@@ -1,0 +1,184 @@
+"""The backbone's classifier in the caption: the class-to-word table, the bias it gives decoding, both runtimes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capcli.decode import beam_search, greedy
+from capcli.guidance import ClassWords, GuideOptions, load_table
+from capcli.runtime.captioner import NO_GUIDANCE, caption_images, open_captioner
+
+IMAGES = sorted((Path(__file__).parent / "images").glob("*.jpg"))
+# A vocabulary as training builds it (specials, then most frequent first), with words ImageNet classes speak
+# through; "retriever" is far rarer in captions than "dog" (ranked 60 against 5), "animal" than "cat" is not.
+VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "is", "on", "the", "dogs", "grass", "cat", "animal",
+         "bird", "cup", "coffee", "mug", "rocket", "pizza", "sandwich", "cats",
+         *(f"filler{i}" for i in range(39)), "retriever"]
+
+
+def _index(table: dict, name: str) -> int:
+    return next(i for i, c in enumerate(table["classes"]) if c["name"].split(",")[0] == name)
+
+
+def test_the_table_maps_breeds_to_dog_cats_to_cat_and_a_hot_dog_to_no_dog():
+    table = load_table("imagenet-1k")
+    assert len(table["classes"]) == 1000 and table["classes"][0]["id"] == "n01440764"
+    words = ClassWords(table, VOCAB)
+    spoken = {name: VOCAB[words.word_of[_index(table, name)]] for name in
+              ("golden retriever", "Cardigan", "Chihuahua", "tabby", "Egyptian cat", "espresso", "coffee mug",
+               "missile", "pizza")}
+    assert spoken == {"golden retriever": "dog", "Cardigan": "dog", "Chihuahua": "dog", "tabby": "cat",
+                      "Egyptian cat": "cat", "espresso": "coffee", "coffee mug": "mug", "missile": "rocket",
+                      "pizza": "pizza"}
+    assert VOCAB[words.word_of[_index(table, "hotdog")]] != "dog"
+    assert {VOCAB[w] for w, _ in words.guarded} == {"dog", "cat", "bird"}  # animal words of many classes
+
+
+def test_the_bias_boosts_confident_words_and_holds_back_a_dog_no_class_supports():
+    table = load_table("imagenet-1k")
+    words = ClassWords(table, VOCAB)
+    probs = np.zeros((2, 1000), np.float32)
+    probs[0, _index(table, "tabby")], probs[0, _index(table, "Egyptian cat")] = 0.5, 0.4  # a cat photo
+    probs[1, _index(table, "golden retriever")] = 0.9  # a dog photo
+    probs[:, 0] += 1 - probs.sum(1)
+    bias, seen = words.bias(probs, GuideOptions(bonus=3.0, min_support=0.3, guard=0.02, penalty=8.0))
+    cat, dog, dogs, cats = (VOCAB.index(w) for w in ("cat", "dog", "dogs", "cats"))
+    assert bias[0, cat] == pytest.approx(3.0 * 0.9) and bias[0, dog] == bias[0, dogs] == -8.0
+    assert bias[1, dog] == pytest.approx(3.0 * 0.9) and bias[1, cat] == bias[1, cats] == -8.0
+    assert seen[0].boosted == {"cat": pytest.approx(0.9)} and "dog" in seen[0].ruled_out
+    assert seen[0].classes[0] == ("tabby", 0.5) and seen[0].required == cat
+    assert not GuideOptions(enabled=False).enabled
+
+
+class _Step:
+    """A language model that prefers 'a dog' and then ends: log-probs fixed per position."""
+
+    def __init__(self, vocab_size: int):
+        self.v = vocab_size
+
+    def __call__(self, tokens, state):
+        (pos,) = state
+        lp = np.full((len(tokens), self.v), -6.0, np.float32)
+        first = pos[0, :, 0] == 0
+        lp[first, VOCAB.index("a")] = -0.1
+        lp[~first & (tokens == VOCAB.index("a")), VOCAB.index("dog")] = -0.5
+        lp[~first & (tokens == VOCAB.index("a")), VOCAB.index("cat")] = -2.0
+        lp[~first & (tokens != VOCAB.index("a")), 2] = -0.1
+        return lp, (pos + 1,)
+
+
+def test_decoding_follows_the_bias_and_gives_a_bonus_once():
+    state = (np.zeros((1, 2, 1), np.float32),)
+    bias = np.zeros((2, len(VOCAB)), np.float32)
+    bias[1, VOCAB.index("cat")], bias[1, VOCAB.index("dog")] = 3.0, -8.0
+    for search in (lambda **kw: [h[0] for h in beam_search(beam_size=3, **kw)], greedy):
+        hyps = search(step=_Step(len(VOCAB)), state=state, start_id=1, end_id=2, max_len=5, never=(0, 1, 3),
+                      bias=bias)
+        assert [" ".join(VOCAB[t] for t in h.tokens) for h in hyps] == ["a dog", "a cat"]
+
+
+def test_a_bonus_stops_once_the_path_holds_the_word_and_a_penalty_does_not():
+    from capcli.decode.steps import words_only
+
+    bias = np.zeros((2, 6), np.float32)
+    bias[:, 4], bias[:, 5] = 3.0, -8.0
+    out = words_only(np.zeros((2, 6), np.float32), 2, (0, 1), 3, [[4], [3]], bias=bias)
+    assert out[0, 4] == 0.0 and out[1, 4] == 3.0  # row 0 holds word 4 already
+    assert out[0, 5] == out[1, 5] == -8.0
+
+
+def test_constrained_search_places_the_required_word():
+    from capcli.decode import constrained_beam_search
+
+    state = (np.zeros((1, 2, 1), np.float32),)
+    hyps = constrained_beam_search(_Step(len(VOCAB)), state, 1, 2, np.array([VOCAB.index("cat"), -1]),
+                                   beam_size=2, max_len=5, never=(0, 1, 3))
+    assert [" ".join(VOCAB[t] for t in h[0].tokens) for h in hyps] == ["a cat", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def guided_bundle(tiny_attention_run, tmp_path_factory, monkeypatch_module) -> Path:
+    """The tiny attention run exported (its Lite0 encoder returns ImageNet class probabilities), with a class table
+    whose every class speaks through a word of the synthetic vocabulary, so that guidance changes captions."""
+    from capcli.bundle.build import export
+    from capcli.guidance import TABLES
+
+    bundle = export(tiny_attention_run, tmp_path_factory.mktemp("bundles") / "guided")
+    itos = json.loads((bundle / "vocab.json").read_text())["itos"]
+    shapes = [w for w in ("circle", "square", "triangle", "star", "cross") if w in itos]
+    table = {"labels": "imagenet-1k", "classes": [
+        {"id": c["id"], "name": c["name"], "words": [[shapes[i % len(shapes)], 0]], "animal": False}
+        for i, c in enumerate(load_table("imagenet-1k")["classes"])]}
+    path = tmp_path_factory.mktemp("table") / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch_module.setitem(TABLES, "imagenet-1k", path)
+    load_table.cache_clear()
+    yield bundle
+    load_table.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_the_encoder_returns_class_probabilities_and_the_manifest_says_so(guided_bundle):
+    meta = json.loads((guided_bundle / "capcli.json").read_text())
+    assert meta["classifier"] == {"labels": "imagenet-1k", "classes": 1000, "output": "classes", "reads": "the grid"}
+    assert meta["io"]["encoder"]["outputs"][-1] == "classes"
+    captioner = open_captioner(guided_bundle, "onnx", "cpu")
+    from capcli.images import load_input
+
+    _, _, probs = captioner.start_with_classes(np.stack([load_input(p, captioner.preprocessing) for p in IMAGES]))
+    assert probs.shape == (len(IMAGES), 1000) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert int(probs[[p.name for p in IMAGES].index("chelsea.jpg")].argmax()) in range(281, 286)  # a cat
+
+
+def test_both_runtimes_agree_with_guidance_on_and_the_option_turns_it_off(guided_bundle, tiny_attention_run):
+    options = GuideOptions(bonus=4.0, min_support=0.05)
+    onnx = caption_images(open_captioner(guided_bundle, "onnx", "cpu"), IMAGES, guidance=options)
+    torch_ = caption_images(open_captioner(tiny_attention_run, "torch"), IMAGES, guidance=options)
+    off = caption_images(open_captioner(guided_bundle, "onnx", "cpu"), IMAGES, guidance=NO_GUIDANCE)
+    assert [r.caption for r in onnx] == [r.caption for r in torch_]
+    assert all(r.classes is not None and r.classes.boosted for r in onnx)
+    assert all(r.classes is None for r in off)
+    assert [r.caption for r in onnx] != [r.caption for r in off]  # the bonus moved at least one caption
+
+
+def test_caption_json_and_the_report_show_the_classes(guided_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    result = CliRunner().invoke(app, ["caption", str(IMAGES[0]), "--model", str(guided_bundle), "--json",
+                                      "--html", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.splitlines()[0])
+    assert line["classes"]["classes"][0]["name"] and "boosted" in line["classes"]
+    assert "classifier: " in (tmp_path / "r.html").read_text()
+    off = CliRunner().invoke(app, ["caption", str(IMAGES[0]), "--model", str(guided_bundle), "--json",
+                                   "--no-guidance"])
+    assert "classes" not in json.loads(off.stdout.splitlines()[0])
+
+
+def test_a_model_without_a_classifier_captions_without_guidance(exported_tiny, tiny_attention_run, tmp_path,
+                                                                monkeypatch):
+    from capcli.bundle.build import export
+    from capcli.registry import get_backbone
+
+    # A pooled bundle has no class output; nor has an attention bundle of a backbone without a classifier, as
+    # every bundle exported before classifiers existed.
+    plain = replace(get_backbone("efficientnet_lite0"), classifier=None)
+    monkeypatch.setattr("capcli.registry.get_backbone", lambda name: plain)
+    older = export(tiny_attention_run, tmp_path / "older")
+    meta = json.loads((older / "capcli.json").read_text())
+    assert "classifier" not in meta and "classes" not in meta["io"]["encoder"]["outputs"]
+    for bundle in (exported_tiny, older):
+        results = caption_images(open_captioner(bundle, "onnx", "cpu"), IMAGES)
+        assert all(r.caption and r.classes is None for r in results)
