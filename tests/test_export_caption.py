@@ -86,6 +86,20 @@ def test_export_keeps_an_existing_bundle_unless_forced(tiny_run, tiny_bundle, tm
     assert not list(tmp_path.glob(".b.*")), "no temporary folders left behind"
 
 
+@pytest.mark.parametrize("weight", ["out.bias", "init_h.bias"])  # the step's log-probs; the encoder's h0
+def test_export_refuses_a_checkpoint_whose_outputs_are_not_finite(tiny_run, tmp_path, weight):
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    ckpt["model"][weight].fill_(float("nan"))  # NaN compares false with every tolerance: it must not pass parity
+    torch.save(ckpt, run / "best.pt")
+    with pytest.raises(CapcliError, match="outputs are not finite .*bundle not written"):
+        export(run, tmp_path / "b")
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+
+
 def test_caption_cli_reports_each_bad_image_and_captions_the_rest(tiny_bundle, test_images, tmp_path):
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("hello")

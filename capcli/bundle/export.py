@@ -13,6 +13,7 @@ would silently fix the batch dimension) and every batch dimension is asserted sy
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -94,16 +95,16 @@ def _parity(tmp: Path, encoder, step_module, batch: np.ndarray, vocab, max_len: 
     with torch.inference_mode():
         outs_t = dict(zip(names.encoder_out, (x.numpy() for x in encoder(torch.from_numpy(batch))), strict=True))
     outs_o = dict(zip(names.encoder_out, enc.run(list(names.encoder_out), {"images": batch}), strict=True))
-    enc_diff = max(float(np.abs(outs_t[n] - outs_o[n]).max()) for n in names.encoder_out)
+    enc_diff = max(_max_diff(outs_t[n], outs_o[n]) for n in names.encoder_out)
     start_t, start_o = [((o["h0"], o["c0"]), tuple(o[n] for n in names.context)) for o in (outs_t, outs_o)]
     steps = torch_step(step_module.decoder), OnnxStep(dec, context_names=names.context)
     (state, context), tokens = start_t, np.full(len(batch), vocab.start_id, dtype=np.int64)
     step_diff = 0.0
     for _ in range(max_len):  # same inputs to both, along PyTorch's greedy path
         (lp_t, next_state, alpha_t), (lp_o, _, alpha_o) = (run_step(s, tokens, state, context) for s in steps)
-        step_diff = max(step_diff, float(np.abs(lp_t - lp_o).max()))
+        step_diff = max(step_diff, _max_diff(lp_t, lp_o))
         if alpha_t is not None:
-            step_diff = max(step_diff, float(np.abs(alpha_t - alpha_o).max()))
+            step_diff = max(step_diff, _max_diff(alpha_t, alpha_o))
         tokens, state = lp_t.argmax(1).astype(np.int64), next_state
     caps = [[h.tokens for h in greedy(s, st, vocab.start_id, vocab.end_id, max_len, context=ctx, never=vocab.not_words)]
             for s, (st, ctx) in zip(steps, (start_t, start_o), strict=True)]
@@ -114,6 +115,14 @@ def _parity(tmp: Path, encoder, step_module, batch: np.ndarray, vocab, max_len: 
         "greedy_captions_equal": caps[0] == caps[1],
         "tolerance": {"encoder": ENCODER_TOL, "step_log_probs": STEP_TOL},
     }
+
+
+def _max_diff(torch_out: np.ndarray, onnx_out: np.ndarray) -> float:
+    """max |torch - onnx|; inf when either holds a NaN or an infinity (a model with such weights is no model to
+    ship, and NaN compares false with every tolerance, so it must never reach the comparison)."""
+    if not (np.isfinite(torch_out).all() and np.isfinite(onnx_out).all()):
+        return math.inf
+    return float(np.abs(torch_out - onnx_out).max())
 
 
 def check_opset(opset: int) -> None:
@@ -162,6 +171,9 @@ def write_bundle(ckpt_path: Path, folder: Path, opset: int = DEFAULT_OPSET, imag
     stamp = {schema.GRAPH_VOCAB_KEY: vocab.sha256, schema.GRAPH_MODEL_KEY: ckpt_sha256}
     exporters = _write_graphs(folder, encoder, step, batch, vocab, opset, stamp, exporter, names)
     parity = _parity(folder, encoder, step, batch, vocab, int(ckpt["max_len"]), names)
+    if math.inf in (parity["encoder_max_abs_diff"], parity["step_log_probs_max_abs_diff"]):
+        raise CapcliError(f"the model's outputs are not finite (NaN or infinite weights in {ckpt_path}?); "
+                          "bundle not written")
     if parity["encoder_max_abs_diff"] > ENCODER_TOL or parity["step_log_probs_max_abs_diff"] > STEP_TOL:
         raise CapcliError(
             f"ONNX graphs disagree with PyTorch (encoder {parity['encoder_max_abs_diff']:.2e}, "
