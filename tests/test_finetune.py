@@ -132,6 +132,7 @@ def test_a_finetuned_run_exports_with_parity_and_its_tail(finetuned_run, tmp_pat
     # The graph holds the tuned tail: a bundle of the same decoder over the untouched backbone differs.
     ckpt = checkpoint.load(finetuned_run / "best.pt")
     frozen = {k: v for k, v in ckpt.items() if k != "tail"}
+    frozen["train_config"] = {**ckpt["train_config"], "finetune": False}  # else it is a damaged fine-tuned run
     torch.save(frozen, tmp_path / "frozen.pt")
     other = export(tmp_path / "frozen.pt", tmp_path / "frozen-bundle")
     assert (bundle / "encoder.onnx").read_bytes() != (other / "encoder.onnx").read_bytes()
@@ -170,6 +171,18 @@ def test_a_backbone_without_a_split_trains_frozen_and_refuses_finetune(small_syn
     assert not (tmp_path / "ft").exists()
     run = train(_config(tmp_path / "frozen", small_synthetic, backbone="plain", epochs=1), show_progress=False)
     assert "tail" not in checkpoint.load(run / "best.pt")
+
+
+@pytest.mark.parametrize("tail", ["garbage", {"state": {}}, {"split": "blocks.6", "state": [1, 2]}, {}, None])
+def test_a_checkpoint_with_a_damaged_tail_is_one_clear_error(tmp_path, tail):
+    """A tail that is not {split, state}, or none in a fine-tuned run's checkpoint (which would caption silently
+    with the untouched tail's grid): refused when the checkpoint is read, by export, --runtime torch, scst and
+    --resume alike."""
+    ckpt = {"format": checkpoint.FORMAT, "train_config": {"finetune": True},
+            **({"tail": tail} if tail is not None else {})}
+    torch.save(ckpt, tmp_path / "best.pt")
+    with pytest.raises(CapcliError, match="tuned tail.*the checkpoint is damaged"):
+        checkpoint.load(tmp_path)
 
 
 def test_an_unknown_split_names_the_choices():

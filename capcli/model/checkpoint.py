@@ -36,7 +36,24 @@ def load(path: str | Path) -> dict:
         raise CapcliError(f"cannot read checkpoint '{path}': {type(exc).__name__}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CapcliError(f"'{path}' is not a capcli checkpoint (format {FORMAT} expected)")
+    _check_tail(ckpt, path)
     return ckpt
+
+
+def _check_tail(ckpt: dict, path: Path) -> None:
+    """A fine-tuned run's checkpoint carries its tuned tail ({"split", "state", ...}, `capcli.model.finetune`):
+    one clear error when it is malformed, or missing from a run that was fine-tuned (its decoder reads the tuned
+    tail's grid, and the untouched one would caption with the wrong features without a word)."""
+    tail = ckpt.get("tail")
+    if tail is None:
+        config = ckpt.get("train_config")
+        if isinstance(config, dict) and config.get("finetune"):
+            raise CapcliError(f"'{path}' is of a fine-tuned run (--finetune) but holds no tuned tail: "
+                              "the checkpoint is damaged")
+        return
+    if not (isinstance(tail, dict) and isinstance(tail.get("split"), str) and isinstance(tail.get("state"), dict)):
+        raise CapcliError(f"'{path}' holds a malformed tuned tail (its 'tail' needs a split name and a state "
+                          "dict): the checkpoint is damaged")
 
 
 def build_decoder(ckpt: dict) -> torch.nn.Module:
