@@ -11,6 +11,7 @@ bundle, and captions the 1,000 val photos with ONNX Runtime, beam 3 (the classif
 - finetune: the recipe with the backbone's last stage and conv_head trained too (--finetune, split blocks.6);
 - finetune-b5: the same from split blocks.5 (the last two stages);
 - finetune-flip: --finetune and --flip together (finetune-b5-flip: from blocks.5);
+- finetune-lr5e-4: --finetune with the tail's learning rate 5x the default (--backbone-lr 5e-4);
 - scst: the recipe's run fine-tuned with self-critical training (`capcli scst`), in a copy of its folder;
 - scst-mean: the same with the mean reward of the image's other samples as the baseline (not its greedy caption);
 - scst-mean-long: scst-mean at twice the learning rate (1e-4) for 8 epochs;
@@ -50,7 +51,8 @@ BEFORE = {"batch_size": 64, "lr": 1e-3, "lr_keep_epochs": 3, "lr_decay": 0.9, "p
 ROWS = {"recipe": {}, "before": BEFORE, "pooled": {"decoder": "pooled"}, "noreg": {"attention_reg": 0.0},
         "flip": {"flip": True}, "finetune": {"finetune": True}, "finetune-b5": {"finetune": True, "split": "blocks.5"},
         "finetune-flip": {"finetune": True, "flip": True},
-        "finetune-b5-flip": {"finetune": True, "split": "blocks.5", "flip": True}}
+        "finetune-b5-flip": {"finetune": True, "split": "blocks.5", "flip": True},
+        "finetune-lr5e-4": {"finetune": True, "backbone_lr": 5e-4}}
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 
 

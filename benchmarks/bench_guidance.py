@@ -7,9 +7,10 @@ decoding without guidance, alternated in the same run. Settings:
 - off: no guidance (`--no-guidance`);
 - default: capcli's defaults (`GuideOptions()`: word bonus and the animal guard);
 - guard: the guard alone (no bonus); bonus: the bonus alone (no guard);
-- bonus=X / support=X / penalty=X / guard=X: the default with one option changed;
-- constrained: constrained beam search (Anderson et al. 2017): the caption must hold the most supported confident
-  word when a beam that holds it ends (`GuideOptions(constrain=True)`).
+- bonus=X / support=X / penalty=X / guard=X / common=N: the default with one option changed;
+- constrained: constrained beam search (Anderson et al. 2017) on top of the default: the caption must hold the most
+  supported confident word, where its support is at least 0.6, when a beam that holds it ends
+  (`GuideOptions(constrain=True)`); constrain=X: the same from support X.
 
     python benchmarks/bench_guidance.py --bundle exported/flickr8k
     python benchmarks/bench_guidance.py --bundle B --sets coco --settings off,default,bonus=5,constrained
@@ -47,10 +48,12 @@ def options_for(name: str):
     if name == "constrained":
         return replace(base, constrain=True)
     key, _, value = name.partition("=")
-    fields = {"bonus": "bonus", "support": "min_support", "penalty": "penalty", "guard": "guard"}
+    if key == "constrain" and value:
+        return replace(base, constrain=True, constrain_support=float(value))
+    fields = {"bonus": "bonus", "support": "min_support", "penalty": "penalty", "guard": "guard", "common": "common"}
     if key not in fields or not value:
         raise SystemExit(f"unknown setting '{name}'")
-    return replace(base, **{fields[key]: float(value)})
+    return replace(base, **{fields[key]: int(value) if key == "common" else float(value)})
 
 
 def encode(captioner, paths: list[Path], chunk: int = 16):

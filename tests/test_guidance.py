@@ -17,8 +17,8 @@ IMAGES = sorted((Path(__file__).parent / "images").glob("*.jpg"))
 # A vocabulary as training builds it (specials, then most frequent first), with words ImageNet classes speak
 # through; "retriever" is far rarer in captions than "dog" (ranked 60 against 5), "animal" than "cat" is not.
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "is", "on", "the", "dogs", "grass", "cat", "animal",
-         "bird", "cup", "coffee", "mug", "rocket", "pizza", "sandwich", "cats",
-         *(f"filler{i}" for i in range(39)), "retriever"]
+         "bird", "cup", "coffee", "mug", "rocket", "pizza", "sandwich", "cats", "puppy", "fly", "flies",
+         *(f"filler{i}" for i in range(36)), "retriever"]
 
 
 def _index(table: dict, name: str) -> int:
@@ -36,7 +36,10 @@ def test_the_table_maps_breeds_to_dog_cats_to_cat_and_a_hot_dog_to_no_dog():
                       "Egyptian cat": "cat", "espresso": "coffee", "coffee mug": "mug", "missile": "rocket",
                       "pizza": "pizza"}
     assert VOCAB[words.word_of[_index(table, "hotdog")]] != "dog"
-    assert {VOCAB[w] for w, _ in words.guarded} == {"dog", "cat", "bird"}  # animal words of many classes
+    guarded = {VOCAB[w]: {VOCAB[f] for f in forms} for w, forms in words.guarded}
+    assert set(guarded) == {"dog", "cat", "bird"}  # animal words of many classes
+    assert guarded["dog"] == {"dog", "dogs", "puppy"}  # with their kinds and plurals
+    assert not {"fly", "flies"} & set().union(*guarded.values())  # a verb in captions more than an insect
 
 
 def test_the_bias_boosts_confident_words_and_holds_back_a_dog_no_class_supports():
@@ -46,12 +49,23 @@ def test_the_bias_boosts_confident_words_and_holds_back_a_dog_no_class_supports(
     probs[0, _index(table, "tabby")], probs[0, _index(table, "Egyptian cat")] = 0.5, 0.4  # a cat photo
     probs[1, _index(table, "golden retriever")] = 0.9  # a dog photo
     probs[:, 0] += 1 - probs.sum(1)
-    bias, seen = words.bias(probs, GuideOptions(bonus=3.0, min_support=0.3, guard=0.02, penalty=8.0))
-    cat, dog, dogs, cats = (VOCAB.index(w) for w in ("cat", "dog", "dogs", "cats"))
-    assert bias[0, cat] == pytest.approx(3.0 * 0.9) and bias[0, dog] == bias[0, dogs] == -8.0
+    options = GuideOptions(bonus=3.0, min_support=0.3, guard=0.02, penalty=8.0, common=0)
+    bias, seen = words.bias(probs, options)
+    cat, dog, dogs, cats, puppy = (VOCAB.index(w) for w in ("cat", "dog", "dogs", "cats", "puppy"))
+    assert bias[0, cat] == pytest.approx(3.0 * 0.9) and bias[0, dog] == bias[0, dogs] == bias[0, puppy] == -8.0
     assert bias[1, dog] == pytest.approx(3.0 * 0.9) and bias[1, cat] == bias[1, cats] == -8.0
     assert seen[0].boosted == {"cat": pytest.approx(0.9)} and "dog" in seen[0].ruled_out
-    assert seen[0].classes[0] == ("tabby", 0.5) and seen[0].required == cat
+    assert seen[0].classes[0] == ("tabby", 0.5) and seen[0].required == -1  # constrained search is opt-in
+    _, constrained = words.bias(probs, replace(options, constrain=True))
+    assert constrained[0].required == cat and constrained[1].required == dog  # supports 0.9 >= 0.6
+    _, strict = words.bias(probs, replace(options, constrain=True, constrain_support=0.95))
+    assert strict[0].required == strict[1].required == -1
+    # By default the vocabulary's 300 most frequent words get no bonus (the decoder places them itself): all of
+    # this small vocabulary's; a rare word does.
+    default, _ = words.bias(probs, GuideOptions())
+    assert default[0, cat] == 0 and default[1, dog] == 0
+    assert words.bias(probs, GuideOptions(common=12))[0][0, cat] == 0
+    assert words.bias(probs, GuideOptions(common=11))[0][0, cat] > 0
     assert not GuideOptions(enabled=False).enabled
 
 
@@ -141,7 +155,7 @@ def test_the_encoder_returns_class_probabilities_and_the_manifest_says_so(guided
 
 
 def test_both_runtimes_agree_with_guidance_on_and_the_option_turns_it_off(guided_bundle, tiny_attention_run):
-    options = GuideOptions(bonus=4.0, min_support=0.05)
+    options = GuideOptions(bonus=4.0, min_support=0.05, common=0)  # the synthetic vocabulary is all common words
     onnx = caption_images(open_captioner(guided_bundle, "onnx", "cpu"), IMAGES, guidance=options)
     torch_ = caption_images(open_captioner(tiny_attention_run, "torch"), IMAGES, guidance=options)
     off = caption_images(open_captioner(guided_bundle, "onnx", "cpu"), IMAGES, guidance=NO_GUIDANCE)

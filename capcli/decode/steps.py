@@ -78,12 +78,13 @@ def words_only(
 
 def placed_bias(bias: np.ndarray, paths: np.ndarray | list[list[int]] | None) -> np.ndarray:
     """`bias` without the bonus of words each row's path already holds (a caption names a thing once)."""
-    if paths is None or not len(paths) or not (bias > 0).any():
+    rows = np.flatnonzero(bias.max(axis=1) > 0) if paths is not None and len(paths) else ()
+    if not len(rows):
         return bias
     bias = bias.copy()
-    for row, path in enumerate(paths):
-        if len(path):
-            placed = np.asarray(path, dtype=np.int64)
+    for row in rows:  # only the rows with a bonus at all (a few photos of a batch)
+        if len(paths[row]):
+            placed = np.asarray(paths[row], dtype=np.int64)
             bias[row, placed] = np.minimum(bias[row, placed], 0.0)
     return bias
 

@@ -7,9 +7,12 @@ one vocabulary: each class speaks through one caption word, the nearest the voca
 one the captions use far more often (basic-level naming: golden retriever -> dog, tabby -> cat; the vocabulary
 lists words most frequent first, so its order tells). Per image, a word's support is the summed probability of
 its classes, and `ClassWords.bias` turns supports into what decoding adds to the log-probabilities:
-- a bonus (shallow fusion) for confident words, `bonus` x support, until the caption holds the word;
+- a bonus (shallow fusion) for confident words, `bonus` x support, until the caption holds the word; only for
+  words outside the vocabulary's `common` most frequent ones: the captions the model was trained on name those
+  often, so it places them itself where they fit, and steering it to them only moves it off its own captions;
 - a guard: an animal word that many classes speak through (dog: 118 breeds, bird, cat, ...) is held back, with
-  its plural, on a photo where their summed probability is tiny: the classifier rules it out. Only animals: ImageNet
+  its kinds (dog: puppy, terrier, poodle, ...) and their plurals, on a photo where their summed probability is
+  tiny: the classifier rules it out. Only animals: ImageNet
   covers them densely, while a ball or a building in a photo is often too small or too partial for its classes.
 Both are on by default where the encoder returns class probabilities (`GuideOptions`), and off with
 `GuideOptions(enabled=False)` (`--no-guidance`). numpy only.
@@ -37,12 +40,14 @@ class GuideOptions:
     """How the classifier guides decoding (the defaults were chosen on Flickr8k val and the COCO dev photos)."""
 
     enabled: bool = True
-    bonus: float = 3.0  # added to a confident word's log-probability (x its support) until the caption holds it
+    bonus: float = 5.0  # added to a confident word's log-probability (x its support) until the caption holds it
     min_support: float = 0.3  # a word is confident when its classes' probabilities sum to at least this
-    guard: float = 0.05  # a guarded word (and its plural) is held back below this support ...
+    common: int = 300  # the vocabulary's this many most frequent words get no bonus: the decoder places them itself
+    guard: float = 0.1  # a guarded word (and its plural) is held back below this support ...
     penalty: float = 8.0  # ... by this much on its log-probability
     top_classes: int = 3  # classes reported per image
-    constrain: bool = False  # constrained beam search: the caption must hold the most supported confident word
+    constrain: bool = False  # constrained beam search: the caption must hold the most supported confident word ...
+    constrain_support: float = 0.6  # ... when its support is at least this
 
 
 @dataclass
@@ -87,7 +92,8 @@ class ClassWords:
         near = np.array([depth <= BONUS_DEPTH for _, depth in spoken]) | animal
         self.bonus_matrix = self.matrix * near[:, None]
         coverage = self.matrix[animal].sum(0) * (self.matrix[~animal].sum(0) == 0)  # words of animals only
-        self.guarded = [(int(self.columns[j]), [int(self.columns[j]), *_plural(itos[self.columns[j]], stoi)])
+        kinds = table.get("kinds", {})
+        self.guarded = [(int(self.columns[j]), _forms(itos[self.columns[j]], kinds, stoi))
                         for j in np.flatnonzero(coverage >= GUARDED_COVERAGE)]
         self.itos = itos
 
@@ -108,11 +114,12 @@ class ClassWords:
         for i in range(len(probs)):
             top = np.argsort(-probs[i], kind="stable")[: options.top_classes]
             seen = ImageClasses([(self.names[c], float(probs[i, c])) for c in top])
-            for j in np.flatnonzero(steer[i] >= options.min_support):
+            for j in np.flatnonzero((steer[i] >= options.min_support) & (self.columns >= options.common)):
                 word = int(self.columns[j])
                 bias[i, word] = options.bonus * steer[i, j]
                 seen.boosted[self.itos[word]] = float(steer[i, j])
-                if seen.required < 0 or steer[i, j] > steer[i, self.column_of[seen.required]]:
+                best = seen.required < 0 or steer[i, j] > steer[i, self.column_of[seen.required]]
+                if options.constrain and steer[i, j] >= options.constrain_support and best:
                     seen.required = word
             for word, forms in self.guarded:
                 if support[i, self.column_of[word]] < options.guard:
@@ -133,6 +140,13 @@ def _spoken_word(words: list[list], stoi: dict[str, int]) -> tuple[int, int]:
         if chosen < 0 or rank * BASIC_LEVEL_RATIO <= chosen:
             chosen, depth = rank, levels
     return chosen, depth
+
+
+def _forms(word: str, kinds: dict[str, list[str]], stoi: dict[str, int]) -> list[int]:
+    """The vocabulary ids a guard holds back for `word`: the word, its kinds (dog: puppy, terrier, ...), and the
+    plural of each."""
+    words = [word, *kinds.get(word, ())]
+    return sorted({i for w in words for i in ([stoi[w]] if w in stoi else []) + _plural(w, stoi)})
 
 
 def _plural(word: str, stoi: dict[str, int]) -> list[int]:

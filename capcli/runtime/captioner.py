@@ -130,12 +130,24 @@ def decode_hypotheses(captioner, state, beam_size: int, n_best: int = 1, max_len
         hyps = greedy(captioner.step, state, vocab.start_id, vocab.end_id, max_len=max_len, context=context,
                       never=never, no_repeat_ngram=ngram, bias=bias)
         return [[h] for h in hyps]
-    if required is not None and (required >= 0).any():
-        return constrained_beam_search(captioner.step, state, vocab.start_id, vocab.end_id, required,
-                                       beam_size=beam_size, max_len=max_len, n_best=n_best, context=context,
-                                       never=never, no_repeat_ngram=ngram, bias=bias)
-    return beam_search(captioner.step, state, vocab.start_id, vocab.end_id, beam_size=beam_size, max_len=max_len,
-                       n_best=n_best, context=context, never=never, no_repeat_ngram=ngram, bias=bias)
+    def search(rows: np.ndarray | slice, constrained: bool) -> list[list[Hypothesis]]:
+        part = (tuple(s[:, rows] for s in state), tuple(c[rows] for c in context))
+        options = {"beam_size": beam_size, "max_len": max_len, "n_best": n_best, "context": part[1], "never": never,
+                   "no_repeat_ngram": ngram, "bias": bias[rows] if bias is not None else None}
+        if constrained:
+            return constrained_beam_search(captioner.step, part[0], vocab.start_id, vocab.end_id, required[rows],
+                                           **options)
+        return beam_search(captioner.step, part[0], vocab.start_id, vocab.end_id, **options)
+
+    if required is None or not (required >= 0).any():
+        return search(slice(None), False)  # views, no copies
+    images = np.arange(state[0].shape[1])
+    # Only the photos with a required word pay for the constrained search (two groups of beams).
+    found: list = [None] * len(images)
+    for constrained, rows in ((True, images[required >= 0]), (False, images[required < 0])):
+        for row, hyps in zip(rows, search(rows, constrained) if len(rows) else [], strict=True):
+            found[row] = hyps
+    return found
 
 
 DEFAULT_GUIDANCE = GuideOptions()

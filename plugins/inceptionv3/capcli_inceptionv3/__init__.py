@@ -81,8 +81,6 @@ _TAIL = ("Mixed_7b", "Mixed_7c")
 
 
 def _build_split(weights: str) -> tuple[nn.Module, nn.Module]:
-    from torch import nn
-
     grid = _build_grid(weights)
     cut = len(grid) - len(_TAIL)
     return grid[:cut], grid[cut:]
