@@ -156,6 +156,7 @@ def ship(name: str, run: Path, result: dict, args) -> Path:
     """The row's model as the bundle capcli ships: float16-stored weights (half the bytes, float32 compute; the
     float32 bundle is over the repository's 25 MB), its val scores and recipe in capcli.json, and a model card."""
     from capcli.bundle.build import export
+    from capcli.bundle.manifest import sealed
     from capcli.model import checkpoint
 
     out = ROOT / "exported" / "flickr8k"
@@ -176,7 +177,7 @@ def ship(name: str, run: Path, result: dict, args) -> Path:
         "intended_use": "research and demonstration; English captions of everyday photos",
     }
     tmp = bundle / ".capcli.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.write_text(json.dumps(sealed(manifest), indent=2) + "\n")  # as export wrote it: no 'edited' warning
     tmp.replace(bundle / "capcli.json")
     return bundle
 
