@@ -285,10 +285,12 @@ def speed_finetune(args) -> None:
     vocab = build_vocabulary(ds, 5)
     cfg = TrainConfig(backbone=args.backbone, decoder="attention")
     dtype = matmul_dtype(cfg.precision, "cpu")
-    setups = {}
+    setups, extraction_s = {}, {}
     for name, split in (("frozen", None), ("finetune blocks.6", "blocks.6"), ("finetune blocks.5", "blocks.5")):
         output = trunk_output(split) if split else "grid"
+        start = time.perf_counter()  # a cache already there costs ~0 s: CAPCLI_CACHE=<empty folder> times it cold
         extract(backbone, ds, "imagenet", 32, None, "cpu", False, output=output)
+        extraction_s[name] = time.perf_counter() - start
         cache = load_features(backbone, "imagenet", ds, output)
         table = encode_split(ds, "train", vocab, cache, 20)
         torch.manual_seed(0)
@@ -322,7 +324,8 @@ def speed_finetune(args) -> None:
     frozen = statistics.median(rates["frozen"])
     for name, values in rates.items():
         rate = statistics.median(values)
-        print(f"{name:>18}: {rate:8,.0f} tok/s; a training epoch costs {frozen / rate:.2f}x a frozen one")
+        print(f"{name:>18}: {rate:8,.0f} tok/s; a training epoch costs {frozen / rate:.2f}x a frozen one; "
+              f"features {extraction_s[name]:.0f} s")
 
 
 def matmul_peak(dtype, n: int = 2048, reps: int = 8) -> float:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Alternative", "CapcliError", "CaptionResult", "Captioner", "ImageError", "ImageInput", "WordAttention",
-           "__version__", "load"]
+__all__ = ["Alternative", "CapcliError", "CaptionResult", "Captioner", "GuideOptions", "ImageClasses", "ImageError",
+           "ImageInput", "WordAttention", "__version__", "load"]
 
 if TYPE_CHECKING:  # for type checkers and the documentation; at run time __getattr__ imports them when first used
     from capcli.api import (
@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # for type checkers and the documentation; at run time __geta
         CapcliError,
         Captioner,
         CaptionResult,
+        GuideOptions,
+        ImageClasses,
         ImageError,
         ImageInput,
         WordAttention,

@@ -202,8 +202,8 @@ def test_a_pooled_bundle_has_no_attention_and_torch_runtime_agrees(pooled, test_
 
 
 def test_all_lists_the_public_api_and_every_name_resolves():
-    assert set(capcli.__all__) == {"Alternative", "CapcliError", "CaptionResult", "Captioner", "ImageError",
-                                   "ImageInput", "WordAttention", "__version__", "load"}
+    assert set(capcli.__all__) == {"Alternative", "CapcliError", "CaptionResult", "Captioner", "GuideOptions",
+                                   "ImageClasses", "ImageError", "ImageInput", "WordAttention", "__version__", "load"}
     for name in capcli.__all__:
         assert getattr(capcli, name) is not None and name in dir(capcli)
     assert capcli.load is capcli.api.load and capcli.CaptionResult is capcli.runtime.captioner.CaptionResult

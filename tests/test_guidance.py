@@ -165,6 +165,23 @@ def test_both_runtimes_agree_with_guidance_on_and_the_option_turns_it_off(guided
     assert [r.caption for r in onnx] != [r.caption for r in off]  # the bonus moved at least one caption
 
 
+def test_the_python_api_takes_guidance_on_off_or_as_options(guided_bundle):
+    import capcli
+
+    captioner = capcli.load(guided_bundle, provider="cpu")
+    assert captioner.classifier == "imagenet-1k"
+    options = capcli.GuideOptions(bonus=4.0, min_support=0.05, common=0)
+    steered = captioner.caption(IMAGES, guidance=options)
+    expected = caption_images(open_captioner(guided_bundle, "onnx", "cpu"), IMAGES, guidance=options)
+    assert [r.caption for r in steered] == [r.caption for r in expected]
+    assert all(isinstance(r.classes, capcli.ImageClasses) and r.classes.boosted for r in steered)
+    off = captioner.caption(IMAGES, guidance=False)
+    assert all(r.classes is None for r in off) and [r.caption for r in off] != [r.caption for r in steered]
+    assert all(r.classes is not None for r in captioner.caption(IMAGES, guidance=True))  # capcli's defaults
+    with pytest.raises(ValueError, match="guidance must be"):
+        captioner.caption(IMAGES[0], guidance="yes")
+
+
 def test_caption_json_and_the_report_show_the_classes(guided_bundle, tmp_path):
     from typer.testing import CliRunner
 

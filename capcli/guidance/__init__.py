@@ -37,7 +37,22 @@ GUARDED_COVERAGE = 5  # an animal word that at least this many classes speak thr
 
 @dataclass(frozen=True)
 class GuideOptions:
-    """How the classifier guides decoding (the defaults were chosen on Flickr8k val and the COCO dev photos)."""
+    """How the backbone's classifier guides decoding; the defaults were chosen on Flickr8k val and COCO photos.
+
+    Attributes:
+        enabled: False decodes from the caption model alone.
+        bonus: Added to a confident word's log-probability, times its support, until the caption holds it.
+        min_support: A word is confident when its classes' probabilities sum to at least this.
+        common: The vocabulary's this many most frequent words get no bonus (the decoder places them itself).
+        guard: An animal word many classes speak through (dog, cat, bird...) is held back, with its kinds and
+            plurals, where its support is below this: the classifier rules it out.
+        penalty: How much a held-back word loses on its log-probability.
+        top_classes: The classes reported per image (`CaptionResult.classes`).
+        constrain: Constrained beam search (Anderson et al. 2017): a beam-searched caption must hold the most
+            supported confident word, where its support is at least `constrain_support` (slower: those photos
+            are searched with two groups of beams).
+        constrain_support: The support from which `constrain` requires a word.
+    """
 
     enabled: bool = True
     bonus: float = 5.0  # added to a confident word's log-probability (x its support) until the caption holds it
@@ -52,7 +67,14 @@ class GuideOptions:
 
 @dataclass
 class ImageClasses:
-    """What the classifier said about one image and what decoding did with it."""
+    """What the classifier said about one image and what decoding did with it.
+
+    Attributes:
+        classes: The likeliest classes, each (name, probability).
+        boosted: The words steered towards, each with its support.
+        ruled_out: The guarded words held back.
+        required: The id of the word constrained beam search required, -1 for none.
+    """
 
     classes: list[tuple[str, float]]  # the most probable classes, (name, probability)
     boosted: dict[str, float] = field(default_factory=dict)  # word -> support, steered towards

@@ -52,6 +52,8 @@ class CaptionResult:
             `--attention`): each word of the caption with the weights over the grid it was predicted with; None
             otherwise.
         grid: The attention grid's (height, width), with `attention`.
+        classes: For a model whose encoder returns ImageNet classes, with guidance on: the likeliest classes,
+            the words steered to and the words held back; None otherwise.
     """
 
     image: str
