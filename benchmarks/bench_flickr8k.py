@@ -91,16 +91,21 @@ def scst_row(name: str, recipe_run: Path, args) -> tuple[Path, float]:
 
     out = Path(args.work) / (name if args.scst_base == "recipe" else f"{name}@{args.scst_base}")
     timing = out / "bench-train.json"
-    if timing.is_file():
-        return out, json.loads(timing.read_text())["train_wall_s"]
+    epochs = SCST_ROWS[name].get("epochs", args.scst_epochs)
+    done = json.loads(timing.read_text()) if timing.is_file() else {"train_wall_s": 0.0}
+    if done.get("scst_epochs", 4) >= epochs and timing.is_file():
+        return out, done["train_wall_s"]
     if not (out / "scst").is_dir():
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(recipe_run, out, ignore=shutil.ignore_patterns("bench-*.json", "bundle"))
+    # A larger --scst-epochs continues the row (capcli scst resumes): its bundle and scores are made again.
+    shutil.rmtree(out / "bundle", ignore_errors=True)
+    for old in out.glob("bench-val-*.json"):
+        old.unlink()
     start = time.perf_counter()
-    scst(ScstConfig(run=str(out), **{"epochs": args.scst_epochs, "seed": args.seed, **SCST_ROWS[name]}),
-         show_progress=False)
-    wall = time.perf_counter() - start
-    timing.write_text(json.dumps({"train_wall_s": wall}))
+    scst(ScstConfig(run=str(out), **{"seed": args.seed, **SCST_ROWS[name], "epochs": epochs}), show_progress=False)
+    wall = done["train_wall_s"] + time.perf_counter() - start
+    timing.write_text(json.dumps({"train_wall_s": wall, "scst_epochs": epochs}))
     return out, wall
 
 
