@@ -182,6 +182,31 @@ def test_the_python_api_takes_guidance_on_off_or_as_options(guided_bundle):
         captioner.caption(IMAGES[0], guidance="yes")
 
 
+def test_constrained_captions_name_the_required_word_in_both_runtimes_and_the_cli_asks_for_it(guided_bundle,
+                                                                                              tiny_attention_run):
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+    from capcli.cli.options import guide_options
+
+    # Every class of the test table speaks through a shape word; demand one the plain search would not place.
+    options = GuideOptions(bonus=0.0, min_support=0.05, common=0, constrain=True, constrain_support=0.05)
+    onnx = caption_images(open_captioner(guided_bundle, "onnx", "cpu"), IMAGES, guidance=options)
+    torch_ = caption_images(open_captioner(tiny_attention_run, "torch"), IMAGES, guidance=options)
+    assert [r.caption for r in onnx] == [r.caption for r in torch_]
+    itos = json.loads((guided_bundle / "vocab.json").read_text())["itos"]
+    required = [itos[r.classes.required] for r in onnx]
+    assert all(word in r.caption.split() for word, r in zip(required, onnx, strict=True))
+    plain = caption_images(open_captioner(guided_bundle, "onnx", "cpu"), IMAGES,
+                           guidance=replace(options, constrain=False))
+    assert any(word not in r.caption.split() for word, r in zip(required, plain, strict=True))
+    assert guide_options(True, True).constrain and not guide_options(True, False).constrain
+    assert not guide_options(False, False).enabled
+    refused = CliRunner().invoke(app, ["caption", str(IMAGES[0]), "--model", str(guided_bundle), "--constrain",
+                                       "--no-guidance"])
+    assert refused.exit_code == 1 and "--constrain needs guidance" in refused.output
+
+
 def test_caption_json_and_the_report_show_the_classes(guided_bundle, tmp_path):
     from typer.testing import CliRunner
 

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import MAX_BEAM, MAX_DECODE_BATCH, AllowUnk, BeamSize, Guidance, NoRepeatNgram, Provider
+from capcli.cli.options import (
+    MAX_BEAM,
+    MAX_DECODE_BATCH,
+    AllowUnk,
+    BeamSize,
+    Constrain,
+    Guidance,
+    NoRepeatNgram,
+    Provider,
+    guide_options,
+)
 from capcli.console import err, error, json_line, out, plain, shown, warn
 
 
@@ -67,14 +77,13 @@ def caption(
     allow_unk: AllowUnk = False,
     no_repeat_ngram: NoRepeatNgram = 3,
     guidance: Guidance = True,
+    constrain: Constrain = False,
 ) -> None:
     """Caption images with an exported bundle (ONNX Runtime) or a run (PyTorch).
 
     Exits 1 when any image could not be captioned (each is named on stderr; the others are captioned).
     """
     from capcli.runtime.captioner import (
-        DEFAULT_GUIDANCE,
-        NO_GUIDANCE,
         Guards,
         Sampling,
         caption_images,
@@ -105,7 +114,7 @@ def caption(
     results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size, n_best=beams,
                              on_result=show, sampling=sampling, attention=attention,
                              guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram),
-                             guidance=DEFAULT_GUIDANCE if guidance else NO_GUIDANCE)
+                             guidance=guide_options(guidance, constrain))
     if not as_json:
         _print_table(results, captioner.runtime, "sampled" if sample else "greedy" if beam_size == 1 else
                      f"beam {beam_size}")

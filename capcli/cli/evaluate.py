@@ -6,7 +6,16 @@ from typing import Annotated
 
 import typer
 
-from capcli.cli.options import AllowUnk, BeamSize, Guidance, ImagesDir, NoRepeatNgram, Provider
+from capcli.cli.options import (
+    AllowUnk,
+    BeamSize,
+    Constrain,
+    Guidance,
+    ImagesDir,
+    NoRepeatNgram,
+    Provider,
+    guide_options,
+)
 from capcli.console import json_line
 from capcli.tables import print_scores
 
@@ -38,15 +47,16 @@ def evaluate_cmd(
     allow_unk: AllowUnk = False,
     no_repeat_ngram: NoRepeatNgram = 3,
     guidance: Guidance = True,
+    constrain: Constrain = False,
 ) -> None:
     """Score generated captions on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100)."""
     from capcli.evaluate import evaluate
-    from capcli.runtime.captioner import DEFAULT_GUIDANCE, NO_GUIDANCE, Guards
+    from capcli.runtime.captioner import Guards
 
     report = evaluate(model, dataset, images, split, beam_size, runtime, provider, device, limit=limit,
                       out=out_file, allow_missing=allow_missing, force=force,
                       guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram),
-                      guidance=DEFAULT_GUIDANCE if guidance else NO_GUIDANCE)
+                      guidance=guide_options(guidance, constrain))
     if as_json:
         json_line({k: v for k, v in report.items() if k != "captions"})
         return

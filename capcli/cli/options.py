@@ -39,3 +39,22 @@ Guidance = Annotated[
     bool, typer.Option("--guidance/--no-guidance",
                        help="Let the backbone's classifier steer the words (models whose encoder returns classes).")
 ]
+Constrain = Annotated[
+    bool, typer.Option("--constrain",
+                       help="With guidance: a beam-searched caption must name the word the classes support most "
+                            "(constrained beam search; slower).")
+]
+
+
+def guide_options(guidance: bool, constrain: bool):
+    """The GuideOptions of --guidance/--no-guidance and --constrain."""
+    from dataclasses import replace
+
+    from capcli.errors import CapcliError
+    from capcli.runtime.captioner import DEFAULT_GUIDANCE, NO_GUIDANCE
+
+    if constrain and not guidance:
+        raise CapcliError("--constrain needs guidance (drop --no-guidance)")
+    if not guidance:
+        return NO_GUIDANCE
+    return replace(DEFAULT_GUIDANCE, constrain=True) if constrain else DEFAULT_GUIDANCE
