@@ -16,6 +16,7 @@ from capcli.decode.steps import (
     batch_size,
     check_options,
     make_hypothesis,
+    sparse_bias,
     words_only,
 )
 
@@ -89,7 +90,7 @@ def beam_search(
     b, k = batch_size(state), beam_size
     state = tuple(np.repeat(s, k, axis=1) for s in state)
     context = tuple(np.repeat(x, k, axis=0) for x in context)
-    bias = np.repeat(bias, k, axis=0) if bias is not None else None
+    bias = sparse_bias(np.repeat(bias, k, axis=0)) if bias is not None else None
     beam_lp = np.full((b, k), -np.inf)
     beam_lp[:, 0] = 0.0  # one live beam per image at first, not K identical ones
     seqs = np.zeros((b, k, 0), dtype=np.int64)

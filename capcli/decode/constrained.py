@@ -22,6 +22,7 @@ from capcli.decode.steps import (
     batch_size,
     check_options,
     run_step,
+    sparse_bias,
     words_only,
 )
 
@@ -50,7 +51,7 @@ def constrained_beam_search(
     rows = 2 * k  # per image: group 0 (word not placed) beams 0..k-1, group 1 (placed) beams k..2k-1
     state = tuple(np.repeat(s, rows, axis=1) for s in state)
     context = tuple(np.repeat(x, rows, axis=0) for x in context)
-    bias = np.repeat(bias, rows, axis=0) if bias is not None else None
+    bias = sparse_bias(np.repeat(bias, rows, axis=0)) if bias is not None else None
     beam_lp = np.full((b, rows), -np.inf)
     beam_lp[:, 0] = 0.0
     seqs = np.zeros((b, rows, 0), dtype=np.int64)

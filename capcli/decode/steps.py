@@ -52,7 +52,8 @@ def make_hypothesis(
 
 def words_only(
     log_probs: np.ndarray, end_id: int, never: tuple[int, ...], length: int,
-    paths: np.ndarray | list[list[int]] | None = None, no_repeat_ngram: int = 0, bias: np.ndarray | None = None,
+    paths: np.ndarray | list[list[int]] | None = None, no_repeat_ngram: int = 0,
+    bias: np.ndarray | SparseBias | None = None,
 ) -> np.ndarray:
     """Log-probs without the tokens a caption cannot hold, and without <end> for the first word.
 
@@ -69,24 +70,45 @@ def words_only(
     repeats = repeating(paths, no_repeat_ngram) if no_repeat_ngram and paths is not None else []
     if not banned and not repeats and bias is None:
         return log_probs
-    log_probs = log_probs.copy() if bias is None else log_probs + placed_bias(bias, paths)
+    log_probs = log_probs.copy()
+    bias = sparse_bias(bias)
+    if bias is not None and len(bias.cols):
+        log_probs[:, bias.cols] += placed_bias(bias, paths)
     log_probs[:, banned] = -np.inf
     for row, tokens in repeats:
         log_probs[row, tokens] = -np.inf
     return log_probs
 
 
-def placed_bias(bias: np.ndarray, paths: np.ndarray | list[list[int]] | None) -> np.ndarray:
-    """`bias` without the bonus of words each row's path already holds (a caption names a thing once)."""
-    rows = np.flatnonzero(bias.max(axis=1) > 0) if paths is not None and len(paths) else ()
-    if not len(rows):
-        return bias
-    bias = bias.copy()
-    for row in rows:  # only the rows with a bonus at all (a few photos of a batch)
-        if len(paths[row]):
-            placed = np.asarray(paths[row], dtype=np.int64)
-            bias[row, placed] = np.minimum(bias[row, placed], 0.0)
-    return bias
+class SparseBias:
+    """A [rows, V] word bias kept as the few columns where any row has one: guidance touches tens of words of a
+    vocabulary of thousands, so each step adds [rows, columns] instead of [rows, V]. Built once per search."""
+
+    def __init__(self, bias: np.ndarray):
+        self.cols = np.flatnonzero((bias != 0).any(axis=0))
+        self.values = np.ascontiguousarray(bias[:, self.cols])
+        self.bonus_rows = np.flatnonzero((self.values > 0).any(axis=1))
+
+
+def sparse_bias(bias: np.ndarray | SparseBias | None) -> SparseBias | None:
+    return bias if bias is None or isinstance(bias, SparseBias) else SparseBias(bias)
+
+
+def placed_bias(bias: SparseBias, paths: np.ndarray | list[list[int]] | None) -> np.ndarray:
+    """`bias.values` without the bonus of words each row's path already holds (a caption names a thing once)."""
+    rows = bias.bonus_rows  # only the rows with a bonus at all (a few photos of a batch)
+    if paths is None or not len(paths) or not len(rows):
+        return bias.values
+    if isinstance(paths, np.ndarray):  # beam search: [rows, length], one comparison for all of them
+        placed = (paths[rows][:, :, None] == bias.cols[None, None, :]).any(axis=1)
+    else:
+        placed = np.array([[c in set(paths[r]) for c in bias.cols.tolist()] for r in rows], dtype=bool)
+    placed &= bias.values[rows] > 0
+    if not placed.any():
+        return bias.values
+    values = bias.values.copy()
+    values[rows] = np.where(placed, 0.0, values[rows])
+    return values
 
 
 def repeating(paths: np.ndarray | list[list[int]], n: int) -> list[tuple[int, list[int]]]:

@@ -16,6 +16,7 @@ from capcli.decode.steps import (
     batch_size,
     check_options,
     make_hypothesis,
+    sparse_bias,
     stacked,
     words_only,
 )
@@ -44,6 +45,7 @@ def _walk(
     log_prob = np.zeros(n)
     finished = np.zeros(n, dtype=bool)
     live_rows = LiveRows(1, context)
+    bias = sparse_bias(bias)
     for length in range(1, max_len + 1):
         log_probs, state, alpha = live_rows.step(step, tokens, state, finished)
         log_probs = words_only(log_probs, end_id, never, length, seqs, no_repeat_ngram, bias)
