@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--sets", default="flickr8k,coco")
     ap.add_argument("--settings", default="off,default,guard,bonus,constrained")
     ap.add_argument("--beam", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="decodings of each setting, alternated (median time)")
     ap.add_argument("--limit", type=int, default=0, help="photos per set (0: all of its val split)")
     ap.add_argument("--meteor", action="store_true", help="also METEOR (java; slower)")
     ap.add_argument("--show", type=int, default=0, help="print this many captions per set and setting")
@@ -127,7 +128,7 @@ def main() -> None:
         encoded = encode(captioner, [ds.image_path(n) for n in names])
         times: dict[str, list[float]] = {s: [] for s in settings}
         results = {}
-        for _round in range(2):  # alternated, so the timings share the machine's load
+        for _round in range(args.rounds):  # alternated, so the timings share the machine's load
             for setting in settings:
                 captions, seconds, seen = decode_all(captioner, encoded, options_for(setting), args.beam)
                 times[setting].append(seconds)
