@@ -216,7 +216,7 @@ class Captioner:
             self._captioner, sources, beam_size=beam_size, batch_size=batch_size, n_best=n_best,
             on_result=stop_at_error, sampling=sampling, attention=self._captioner.grid is not None,
             guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram),
-            guidance=_guidance_options(guidance),
+            guidance=_guidance_options(guidance, searching=not sample and beam_size > 1),
         ) if sources else []
         return results[0] if single else results
 
@@ -232,8 +232,10 @@ def _source(item: object, index: int) -> str | InMemoryImage:
                     "(for a file's bytes: PIL.Image.open(io.BytesIO(data)))")
 
 
-def _guidance_options(guidance: object) -> GuideOptions:
+def _guidance_options(guidance: object, searching: bool) -> GuideOptions:
     if isinstance(guidance, GuideOptions):
+        if guidance.enabled and guidance.constrain and not searching:
+            raise ValueError("GuideOptions(constrain=True) needs beam search (beam_size 2 or more, sample=False)")
         return guidance
     if isinstance(guidance, bool):
         return DEFAULT_GUIDANCE if guidance else NO_GUIDANCE

@@ -205,6 +205,14 @@ def test_constrained_captions_name_the_required_word_in_both_runtimes_and_the_cl
     refused = CliRunner().invoke(app, ["caption", str(IMAGES[0]), "--model", str(guided_bundle), "--constrain",
                                        "--no-guidance"])
     assert refused.exit_code == 1 and "--constrain needs guidance" in refused.output
+    greedy = CliRunner().invoke(app, ["caption", str(IMAGES[0]), "--model", str(guided_bundle), "--constrain",
+                                      "--beam-size", "1"])
+    assert greedy.exit_code == 1 and "--constrain needs beam search" in greedy.output
+    import capcli
+
+    with pytest.raises(ValueError, match="needs beam search"):
+        capcli.load(guided_bundle, provider="cpu").caption(IMAGES[0], sample=True,
+                                                           guidance=GuideOptions(constrain=True))
 
 
 def test_caption_json_and_the_report_show_the_classes(guided_bundle, tmp_path):

@@ -114,7 +114,7 @@ def caption(
     results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size, n_best=beams,
                              on_result=show, sampling=sampling, attention=attention,
                              guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram),
-                             guidance=guide_options(guidance, constrain))
+                             guidance=guide_options(guidance, constrain, beam_size > 1 and not sample))
     if not as_json:
         _print_table(results, captioner.runtime, "sampled" if sample else "greedy" if beam_size == 1 else
                      f"beam {beam_size}")

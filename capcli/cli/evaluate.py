@@ -56,7 +56,7 @@ def evaluate_cmd(
     report = evaluate(model, dataset, images, split, beam_size, runtime, provider, device, limit=limit,
                       out=out_file, allow_missing=allow_missing, force=force,
                       guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram),
-                      guidance=guide_options(guidance, constrain))
+                      guidance=guide_options(guidance, constrain, beam_size > 1))
     if as_json:
         json_line({k: v for k, v in report.items() if k != "captions"})
         return

@@ -46,8 +46,9 @@ Constrain = Annotated[
 ]
 
 
-def guide_options(guidance: bool, constrain: bool):
-    """The GuideOptions of --guidance/--no-guidance and --constrain."""
+def guide_options(guidance: bool, constrain: bool, searching: bool = True):
+    """The GuideOptions of --guidance/--no-guidance and --constrain (`searching`: beam search, not greedy or
+    sampled decoding, which cannot be constrained)."""
     from dataclasses import replace
 
     from capcli.errors import CapcliError
@@ -55,6 +56,8 @@ def guide_options(guidance: bool, constrain: bool):
 
     if constrain and not guidance:
         raise CapcliError("--constrain needs guidance (drop --no-guidance)")
+    if constrain and not searching:
+        raise CapcliError("--constrain needs beam search (--beam-size 2 or more, without --sample)")
     if not guidance:
         return NO_GUIDANCE
     return replace(DEFAULT_GUIDANCE, constrain=True) if constrain else DEFAULT_GUIDANCE
