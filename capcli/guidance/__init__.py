@@ -21,7 +21,9 @@ Both are on by default where the encoder returns class probabilities (`GuideOpti
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+import numbers
+from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 
@@ -33,6 +35,7 @@ TABLES = {"imagenet-1k": Path(__file__).with_name("imagenet-1k.json")}
 BASIC_LEVEL_RATIO = 10  # a more general word replaces a class's nearest one when it ranks this many times higher
 BONUS_DEPTH = 1  # a class steers to its word only when that word names it or its direct hypernym (animals: any)
 GUARDED_COVERAGE = 5  # an animal word that at least this many classes speak through can be ruled out
+MAX_BIAS = 100.0  # the largest bonus or penalty: log-probability units, where 100 already outweighs any word
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ class GuideOptions:
             supported confident word, where its support is at least `constrain_support` (slower: those photos
             are searched with two groups of beams).
         constrain_support: The support from which `constrain` requires a word.
+
+    Raises:
+        ValueError: A value of the wrong type or out of its range: `bonus` and `penalty` from 0 to 100,
+            `min_support` above 0 and at most 1, `guard` and `constrain_support` from 0 to 1 (supports are
+            summed probabilities), `common` and `top_classes` integers of 0 or more (`top_classes=0` reports
+            no class), `enabled` and `constrain` booleans, and `constrain` only with `enabled`.
     """
 
     enabled: bool = True
@@ -63,6 +72,27 @@ class GuideOptions:
     top_classes: int = 3  # classes reported per image
     constrain: bool = False  # constrained beam search: the caption must hold the most supported confident word ...
     constrain_support: float = 0.6  # ... when its support is at least this
+
+    def __post_init__(self) -> None:
+        ranges = {"bonus": (0.0, MAX_BIAS, True), "penalty": (0.0, MAX_BIAS, True), "min_support": (0.0, 1.0, False),
+                  "guard": (0.0, 1.0, True), "constrain_support": (0.0, 1.0, True)}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("enabled", "constrain"):
+                if not isinstance(value, bool | np.bool_):
+                    raise ValueError(f"GuideOptions.{f.name} must be True or False, not {value!r}")
+            elif f.name in ("common", "top_classes"):
+                if not isinstance(value, numbers.Integral) or isinstance(value, bool | np.bool_) or value < 0:
+                    raise ValueError(f"GuideOptions.{f.name} must be an integer >= 0, not {value!r}")
+            else:
+                low, high, with_low = ranges[f.name]
+                if (not isinstance(value, numbers.Real) or isinstance(value, bool | np.bool_)
+                        or not math.isfinite(value) or not (low <= value if with_low else low < value) or value > high):
+                    span = f"from {low:g} to {high:g}" if with_low else f"above {low:g} and at most {high:g}"
+                    raise ValueError(f"GuideOptions.{f.name} must be a number {span}, not {value!r}")
+        if self.constrain and not self.enabled:
+            raise ValueError("GuideOptions(constrain=True) needs enabled=True: constrained search requires a word "
+                             "the classifier supports")
 
 
 @dataclass

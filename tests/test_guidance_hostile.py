@@ -1,0 +1,68 @@
+"""Guidance used the wrong way: odd GuideOptions, --constrain where it cannot apply, what a constrained result says."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import capcli
+from capcli.guidance import GuideOptions
+
+ROOT = Path(__file__).parents[1]
+SHIPPED = ROOT / "exported" / "flickr8k"
+PHOTOS = sorted((ROOT / "tests" / "images").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def shipped() -> capcli.Captioner:
+    if not (SHIPPED / "capcli.json").is_file():
+        pytest.skip("the shipped bundle is absent")
+    return capcli.load(SHIPPED, provider="cpu")
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"bonus": -5.0}, "bonus"),  # steered away from the classes' words: 'a brown and white is is licking'
+    ({"bonus": math.nan}, "bonus"),  # was an IndexError in the beam search
+    ({"bonus": math.inf}, "bonus"),
+    ({"bonus": 1e30}, "bonus"),  # was the caption 'cat' with a score of 5e29
+    ({"bonus": "5"}, "bonus"),
+    ({"penalty": -8.0}, "penalty"),  # the guard's animals rewarded: 'a dog is puppies on a bird'
+    ({"penalty": math.nan}, "penalty"),
+    ({"penalty": math.inf}, "penalty"),
+    ({"min_support": 0.0}, "min_support"),  # every word 'boosted' with support 0
+    ({"min_support": -1.0}, "min_support"),
+    ({"min_support": 2.0}, "min_support"),  # supports are probabilities: never confident
+    ({"min_support": math.nan}, "min_support"),
+    ({"guard": -0.1}, "guard"),
+    ({"guard": math.nan}, "guard"),
+    ({"guard": 1.5}, "guard"),
+    ({"constrain": True, "constrain_support": -1.0}, "constrain_support"),
+    ({"constrain": True, "constrain_support": 2.0}, "constrain_support"),
+    ({"common": -1}, "common"),
+    ({"common": 2.5}, "common"),
+    ({"common": "300"}, "common"),  # was a numpy UFuncTypeError
+    ({"top_classes": -1}, "top_classes"),  # was 999 classes reported
+    ({"top_classes": 2.0}, "top_classes"),  # was a TypeError from a slice
+    ({"top_classes": True}, "top_classes"),
+    ({"enabled": "no"}, "enabled"),  # a non-empty string is true: guidance stayed on
+    ({"constrain": "no"}, "constrain"),
+    ({"enabled": False, "constrain": True}, "enabled"),  # as --constrain --no-guidance
+])
+def test_odd_guide_options_are_one_value_error_naming_the_option(options, name):
+    with pytest.raises(ValueError, match=name):
+        GuideOptions(**options)
+
+
+def test_the_edges_of_each_range_and_numpy_numbers_are_accepted():
+    GuideOptions(bonus=0.0, penalty=0.0, guard=0.0, common=0, top_classes=0, constrain=True, constrain_support=0.0)
+    GuideOptions(bonus=100, penalty=100, min_support=1, guard=1, constrain_support=1)
+    GuideOptions(bonus=np.float32(4.0), min_support=np.float64(0.2), common=np.int64(10), top_classes=np.int32(5),
+                 enabled=np.True_)
+
+
+def test_the_api_refuses_odd_options_before_captioning(shipped):
+    with pytest.raises(ValueError, match="bonus"):
+        shipped.caption(PHOTOS[0], guidance=GuideOptions(bonus=math.nan))
