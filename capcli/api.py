@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from capcli.errors import CapcliError
-from capcli.guidance import GuideOptions, ImageClasses
+from capcli.guidance import GuideOptions, ImageClasses, can_guide, no_classifier
 from capcli.images import ImageError, InMemoryImage
 from capcli.runtime.captioner import (
     DEFAULT_GUIDANCE,
@@ -186,7 +186,8 @@ class Captioner:
         Raises:
             ImageError: An image could not be read, with `errors="raise"`.
             TypeError: Something that is not an image.
-            ValueError: An option out of range, or `n_best` > 1 without beam search.
+            ValueError: An option out of range, `n_best` > 1 without beam search, or `GuideOptions(constrain=True)`
+                without beam search or for a model without a classifier (`Captioner.classifier` is None).
 
         Examples:
             ```python
@@ -207,6 +208,9 @@ class Captioner:
         sources = [_source(item, index) for index, item in enumerate(items)]
         sampling, n_best = _check_options(beam_size, n_best, sample, temperature, top_k, seed, no_repeat_ngram,
                                           batch_size, errors)
+        guide = _guidance_options(guidance, searching=not sample and beam_size > 1)
+        if guide.constrain and not can_guide(self._captioner):
+            raise ValueError(f"GuideOptions(constrain=True): {no_classifier(self.model)}")
 
         def stop_at_error(result: CaptionResult) -> None:
             if errors == "raise" and result.error is not None:
@@ -216,7 +220,7 @@ class Captioner:
             self._captioner, sources, beam_size=beam_size, batch_size=batch_size, n_best=n_best,
             on_result=stop_at_error, sampling=sampling, attention=self._captioner.grid is not None,
             guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram),
-            guidance=_guidance_options(guidance, searching=not sample and beam_size > 1),
+            guidance=guide,
         ) if sources else []
         return results[0] if single else results
 

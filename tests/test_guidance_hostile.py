@@ -66,3 +66,26 @@ def test_the_edges_of_each_range_and_numpy_numbers_are_accepted():
 def test_the_api_refuses_odd_options_before_captioning(shipped):
     with pytest.raises(ValueError, match="bonus"):
         shipped.caption(PHOTOS[0], guidance=GuideOptions(bonus=math.nan))
+
+
+def test_constrain_for_a_model_without_a_classifier_is_one_clear_error_in_the_cli_and_the_api(exported_tiny,
+                                                                                              tmp_path):
+    """A pooled bundle's encoder returns no classes: --constrain used to caption as if it were not given."""
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["caption", str(PHOTOS[0]), "--model", str(exported_tiny), "--constrain"])
+    assert refused.exit_code == 1 and "--constrain" in refused.output and "no classifier" in refused.output
+    assert "Traceback" not in refused.output
+    out = tmp_path / "evaluation.json"
+    refused = runner.invoke(app, ["evaluate", str(exported_tiny), "--constrain", "--limit", "2", "--out", str(out)])
+    assert refused.exit_code == 1 and "no classifier" in refused.output and not out.exists()
+    captioner = capcli.load(exported_tiny, provider="cpu")
+    assert captioner.classifier is None
+    with pytest.raises(ValueError, match="no classifier"):
+        captioner.caption(PHOTOS[0], guidance=GuideOptions(constrain=True))
+    # Guidance itself (on by default) still captions such a model, as before: it only has nothing to add.
+    assert captioner.caption(PHOTOS[0], guidance=True).caption
+    assert runner.invoke(app, ["caption", str(PHOTOS[0]), "--model", str(exported_tiny)]).exit_code == 0

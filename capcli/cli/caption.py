@@ -16,6 +16,7 @@ from capcli.cli.options import (
     Guidance,
     NoRepeatNgram,
     Provider,
+    check_constrain,
     guide_options,
 )
 from capcli.console import err, error, json_line, out, plain, shown, warn
@@ -102,7 +103,10 @@ def caption(
         _check_html(html, [*paths, model], force)  # before any captioning
     for p in problems:
         error(p)
+    guide = guide_options(guidance, constrain, beam_size > 1 and not sample)
     captioner = open_captioner(model, runtime=runtime, provider=provider, device=device)
+    if guide.constrain:
+        check_constrain(captioner, model)
 
     def show(r) -> None:
         if r.error:
@@ -114,7 +118,7 @@ def caption(
     results = caption_images(captioner, paths, beam_size=beam_size, batch_size=batch_size, n_best=beams,
                              on_result=show, sampling=sampling, attention=attention,
                              guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram),
-                             guidance=guide_options(guidance, constrain, beam_size > 1 and not sample))
+                             guidance=guide)
     if not as_json:
         _print_table(results, captioner.runtime, "sampled" if sample else "greedy" if beam_size == 1 else
                      f"beam {beam_size}")

@@ -14,6 +14,7 @@ from capcli.cli.options import (
     ImagesDir,
     NoRepeatNgram,
     Provider,
+    check_constrain,
     guide_options,
 )
 from capcli.console import json_line
@@ -51,12 +52,15 @@ def evaluate_cmd(
 ) -> None:
     """Score generated captions on a dataset split: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (0-100)."""
     from capcli.evaluate import evaluate
-    from capcli.runtime.captioner import Guards
+    from capcli.runtime.captioner import Guards, open_captioner
 
+    guide = guide_options(guidance, constrain, beam_size > 1)
+    if guide.constrain:  # before the split is captioned (the model is opened once more: little next to a split)
+        check_constrain(open_captioner(model, runtime=runtime, provider=provider, device=device), model)
     report = evaluate(model, dataset, images, split, beam_size, runtime, provider, device, limit=limit,
                       out=out_file, allow_missing=allow_missing, force=force,
                       guards=Guards(suppress_unk=not allow_unk, no_repeat_ngram=no_repeat_ngram),
-                      guidance=guide_options(guidance, constrain, beam_size > 1))
+                      guidance=guide)
     if as_json:
         json_line({k: v for k, v in report.items() if k != "captions"})
         return

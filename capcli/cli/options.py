@@ -61,3 +61,12 @@ def guide_options(guidance: bool, constrain: bool, searching: bool = True):
     if not guidance:
         return NO_GUIDANCE
     return replace(DEFAULT_GUIDANCE, constrain=True) if constrain else DEFAULT_GUIDANCE
+
+
+def check_constrain(captioner, model) -> None:
+    """--constrain for a model without a classifier is one clear error, not captions that ignore it."""
+    from capcli.errors import CapcliError
+    from capcli.guidance import can_guide, no_classifier
+
+    if not can_guide(captioner):
+        raise CapcliError(f"--constrain: {no_classifier(model)}; drop --constrain")

@@ -116,6 +116,20 @@ class ImageClasses:
                 "boosted": {w: round(s, 4) for w, s in self.boosted.items()}, "ruled_out": self.ruled_out}
 
 
+def can_guide(captioner) -> bool:
+    """Whether guidance reaches the captioner's captions: its encoder returns the classes of a label set with a
+    shipped table. Without that (pooled decoders, bundles exported before classifiers) it captions as if
+    `GuideOptions(enabled=False)`, and constrained search has no word to require."""
+    head = getattr(captioner, "classifier", None)
+    return bool(head) and head.get("labels") in TABLES
+
+
+def no_classifier(model: object) -> str:
+    """Why `constrain` cannot apply to `model` (one line, for the CLI's error and the API's ValueError)."""
+    return (f"{model} has no classifier (its encoder returns no ImageNet classes: a pooled decoder, or a bundle "
+            "exported before classifiers), so there is no word to require")
+
+
 @cache
 def load_table(labels: str) -> dict:
     """A label set's shipped class table: {"labels", "source", "classes": [{"id", "name", "words"}]}."""
