@@ -89,3 +89,27 @@ def test_constrain_for_a_model_without_a_classifier_is_one_clear_error_in_the_cl
     # Guidance itself (on by default) still captions such a model, as before: it only has nothing to add.
     assert captioner.caption(PHOTOS[0], guidance=True).caption
     assert runner.invoke(app, ["caption", str(PHOTOS[0]), "--model", str(exported_tiny)]).exit_code == 0
+
+
+def _classes(table: dict, *names: str) -> list[int]:
+    return [next(i for i, c in enumerate(table["classes"]) if c["name"].split(",")[0] == n) for n in names]
+
+
+def test_a_word_the_classes_boost_is_never_held_back_by_a_guard_above_min_support():
+    """GuideOptions(guard=1.0) on the shipped bundle's cat photo: 'cat' (support 0.97) was both boosted and ruled
+    out, its bias the penalty, and with constrain=True required while penalised."""
+    from capcli.guidance import ClassWords, load_table
+
+    vocab = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "is", "cat", "cats", "dogs", "puppy", "bird"]
+    table = load_table("imagenet-1k")
+    words = ClassWords(table, vocab)
+    probs = np.zeros((1, 1000), np.float32)
+    tabby, egyptian = _classes(table, "tabby", "Egyptian cat")
+    probs[0, tabby], probs[0, egyptian] = 0.5, 0.4  # 'cat': support 0.9
+    probs[0, 0] = 0.1
+    bias, (seen,) = words.bias(probs, GuideOptions(guard=1.0, min_support=0.3, common=0, constrain=True))
+    cat, cats, dog = vocab.index("cat"), vocab.index("cats"), vocab.index("dog")
+    assert seen.boosted == {"cat": pytest.approx(0.9)} and seen.required == cat
+    assert "cat" not in seen.ruled_out and bias[0, cat] == pytest.approx(5.0 * 0.9)
+    assert bias[0, cats] == 0.0  # its plural is not held back either
+    assert "dog" in seen.ruled_out and bias[0, dog] == -8.0  # the guard still rules out the others

@@ -180,16 +180,20 @@ class ClassWords:
         for i in range(len(probs)):
             top = np.argsort(-probs[i], kind="stable")[: options.top_classes]
             seen = ImageClasses([(self.names[c], float(probs[i, c])) for c in top])
+            boosted = set()
             for j in np.flatnonzero((steer[i] >= options.min_support) & (self.columns >= options.common)):
                 word = int(self.columns[j])
                 bias[i, word] = options.bonus * steer[i, j]
                 seen.boosted[self.itos[word]] = float(steer[i, j])
+                boosted.add(word)
                 best = seen.required < 0 or steer[i, j] > steer[i, self.column_of[seen.required]]
                 if options.constrain and steer[i, j] >= options.constrain_support and best:
                     seen.required = word
             for word, forms in self.guarded:
-                if support[i, self.column_of[word]] < options.guard:
-                    bias[i, forms] = -options.penalty
+                # A word the classes support enough to boost is not ruled out by them (a guard above
+                # min_support would otherwise steer towards it and hold it back at once, and require it).
+                if support[i, self.column_of[word]] < options.guard and word not in boosted:
+                    bias[i, [f for f in forms if f not in boosted]] = -options.penalty
                     seen.ruled_out.append(self.itos[word])
             found.append(seen)
         return bias, found
