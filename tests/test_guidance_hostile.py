@@ -113,3 +113,36 @@ def test_a_word_the_classes_boost_is_never_held_back_by_a_guard_above_min_suppor
     assert "cat" not in seen.ruled_out and bias[0, cat] == pytest.approx(5.0 * 0.9)
     assert bias[0, cats] == 0.0  # its plural is not held back either
     assert "dog" in seen.ruled_out and bias[0, dog] == -8.0  # the guard still rules out the others
+
+
+def test_a_constrained_result_names_the_word_it_required():
+    """`ImageClasses.required` is a vocabulary id, which the Python API gives no way to read, and `--json` did not
+    say which word --constrain required."""
+    from capcli.guidance import ClassWords, load_table
+
+    vocab = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "is", "cat"]
+    table = load_table("imagenet-1k")
+    probs = np.zeros((2, 1000), np.float32)
+    probs[0, _classes(table, "tabby")[0]] = 0.9
+    probs[:, 0] += 1 - probs.sum(1)
+    _, seen = ClassWords(table, vocab).bias(probs, GuideOptions(common=0, constrain=True))
+    assert seen[0].required_word == "cat" and seen[0].to_json()["required"] == "cat"
+    assert seen[1].required_word is None and "required" not in seen[1].to_json()  # nothing confident enough
+    _, plain = ClassWords(table, vocab).bias(probs, GuideOptions(common=0))
+    assert plain[0].required_word is None and "required" not in plain[0].to_json()
+
+
+def test_caption_json_and_the_api_name_the_required_word(shipped):
+    import json
+
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    cat = next(p for p in PHOTOS if p.name == "chelsea.jpg")
+    result = CliRunner().invoke(app, ["caption", str(cat), "--model", str(SHIPPED), "--json", "--constrain"])
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.splitlines()[0])
+    assert line["classes"]["required"] == "cat" and "cat" in line["caption"].split()
+    found = shipped.caption(cat, guidance=GuideOptions(constrain=True))
+    assert found.classes.required_word == "cat"

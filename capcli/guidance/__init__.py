@@ -104,16 +104,20 @@ class ImageClasses:
         boosted: The words steered towards, each with its support.
         ruled_out: The guarded words held back.
         required: The id of the word constrained beam search required, -1 for none.
+        required_word: That word, None for none.
     """
 
     classes: list[tuple[str, float]]  # the most probable classes, (name, probability)
     boosted: dict[str, float] = field(default_factory=dict)  # word -> support, steered towards
     ruled_out: list[str] = field(default_factory=list)  # guarded words held back
     required: int = -1  # the most supported boosted word's id (constrained beam search), -1: none
+    required_word: str | None = None  # ... and that word
 
     def to_json(self) -> dict:
+        """The classes, boosted and ruled-out words, and under constrained search the word it required."""
         return {"classes": [{"name": n, "p": round(p, 4)} for n, p in self.classes],
-                "boosted": {w: round(s, 4) for w, s in self.boosted.items()}, "ruled_out": self.ruled_out}
+                "boosted": {w: round(s, 4) for w, s in self.boosted.items()}, "ruled_out": self.ruled_out,
+                **({"required": self.required_word} if self.required_word is not None else {})}
 
 
 def can_guide(captioner) -> bool:
@@ -195,6 +199,7 @@ class ClassWords:
                 if support[i, self.column_of[word]] < options.guard and word not in boosted:
                     bias[i, [f for f in forms if f not in boosted]] = -options.penalty
                     seen.ruled_out.append(self.itos[word])
+            seen.required_word = self.itos[seen.required] if seen.required >= 0 else None
             found.append(seen)
         return bias, found
 
