@@ -144,6 +144,7 @@ def evaluate(
         "model": str(model), "runtime": runtime, "dataset": ds.name, "split": split, "beam_size": beam_size,
         "guards": {"suppress_unk": guards.suppress_unk, "no_repeat_ngram": guards.no_repeat_ngram},
         "guidance": guidance.enabled and getattr(captioner, "classifier", None) is not None,
+        "constrain": guidance.enabled and guidance.constrain and getattr(captioner, "classifier", None) is not None,
         "images": len(candidates), "split_images": len(ds.splits[split]), "limit": limit,
         "missing": missing, "failed": failed, "scores": scores.values, "tokenizer": scores.tokenizer,
         "skipped": scores.skipped,

@@ -122,6 +122,8 @@ def _classes_html(seen: dict) -> str:
     parts = [f"classifier: {classes}"] if classes else []
     if seen.get("boosted"):
         parts.append("steered to: " + ", ".join(_esc(w) for w in seen["boosted"]))
+    if seen.get("required"):
+        parts.append(f"required: {_esc(seen['required'])}")
     if seen.get("ruled_out"):
         parts.append("held back: " + ", ".join(_esc(w) for w in seen["ruled_out"]))
     return f'<div class="classes note">{"; ".join(parts)}</div>' if parts else ""

@@ -246,3 +246,20 @@ def test_a_model_without_a_classifier_captions_without_guidance(exported_tiny, t
     for bundle in (exported_tiny, older):
         results = caption_images(open_captioner(bundle, "onnx", "cpu"), IMAGES)
         assert all(r.caption and r.classes is None for r in results)
+
+
+def test_the_report_names_a_required_word_and_evaluate_records_constrained_search(guided_bundle, small_synthetic,
+                                                                                    tmp_path):
+    from capcli.evaluate import evaluate
+    from capcli.report import _classes_html
+
+    shown = _classes_html({"classes": [{"name": "tabby", "p": 0.9}], "boosted": {"cat": 0.9}, "required": "cat"})
+    assert "required: cat" in shown and "required" not in _classes_html({"classes": [{"name": "tabby", "p": 0.9}]})
+    options = GuideOptions(bonus=0.0, min_support=0.05, common=0, constrain=True, constrain_support=0.05)
+    report = evaluate(guided_bundle, str(small_synthetic), split="test", beam_size=3, provider="cpu", limit=4,
+                      out=tmp_path / "e.json", show_progress=False, guidance=options)
+    assert report["guidance"] and report["constrain"]
+    assert all(c["classes"]["required"] in c["caption"].split() for c in report["captions"])
+    plain = evaluate(guided_bundle, str(small_synthetic), split="test", beam_size=3, provider="cpu", limit=4,
+                     out=tmp_path / "p.json", show_progress=False)
+    assert plain["guidance"] and not plain["constrain"]
