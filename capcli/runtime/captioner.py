@@ -44,7 +44,9 @@ class CaptionResult:
     Attributes:
         image: The image's path as given, or `<image N>` for the N-th in-memory image (from 0).
         caption: The best caption; None when the image could not be read (see `error`).
-        score: The caption's log-probability per word (0 is certain; higher is likelier).
+        score: The caption's log-probability per word (0 is certain; higher is likelier). With guidance it
+            includes the classifier's bonus and penalties (what the search ranked by), so it is comparable only
+            with scores decoded with the same guidance.
         alternatives: With several captions asked for (`n_best` > 1): each (caption, score), best first, the
             best included; empty otherwise.
         error: Why the image could not be captioned (unreadable, too large...), or None.
