@@ -263,3 +263,29 @@ def test_the_report_names_a_required_word_and_evaluate_records_constrained_searc
     plain = evaluate(guided_bundle, str(small_synthetic), split="test", beam_size=3, provider="cpu", limit=4,
                      out=tmp_path / "p.json", show_progress=False)
     assert plain["guidance"] and not plain["constrain"]
+
+
+def test_serve_takes_constrain_and_refuses_it_where_it_cannot_apply(guided_bundle, exported_tiny, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from capcli.serve.app import create_app
+
+    # The server's constrained search is the captioner's: with guidance options that require a word of every
+    # photo, each served caption names it.
+    options = GuideOptions(bonus=0.0, min_support=0.05, common=0, constrain=True, constrain_support=0.05)
+    monkeypatch.setattr("capcli.serve.batcher.DEFAULT_GUIDANCE", replace(options, constrain=False))
+    expected = caption_images(open_captioner(guided_bundle, "onnx", "cpu"), IMAGES[:2], guidance=options)
+    photos = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in IMAGES[:2]]
+    with TestClient(create_app(guided_bundle, provider="cpu")) as client:
+        answer = client.post("/v1/captions", files=photos, data={"constrain": "true"})
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert [r["caption"] for r in results] == [r.caption for r in expected]
+        assert all(r["classes"]["required"] in r["caption"].split() for r in results)
+        for data, message in (({"constrain": "true", "guidance": "false"}, "constrain needs guidance"),
+                              ({"constrain": "true", "beam_size": "1"}, "constrain needs beam search")):
+            refused = client.post("/v1/captions", files=photos, data=data)
+            assert refused.status_code == 422 and message in refused.json()["error"]
+    with TestClient(create_app(exported_tiny, provider="cpu")) as client:  # a pooled bundle: no classes
+        refused = client.post("/v1/captions", files=photos, data={"constrain": "true"})
+        assert refused.status_code == 422 and "no ImageNet classes" in refused.json()["error"]

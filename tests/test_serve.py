@@ -169,7 +169,7 @@ class _IdCaptioner:
 @pytest.fixture
 def id_batcher(monkeypatch):
     def decode(_captioner, state, beam_size, n_best=1, sampling=None, context=(), attention=False, guards=None,
-               bias=None):
+               bias=None, required=None):
         assert len(context) == 0 and not attention  # a pooled stand-in has no per-image context
         tag = "sampled" if sampling else f"beam{beam_size}"
         return [[(f"{tag}:{int(v)}", float(v))] for v in state]

@@ -172,10 +172,11 @@ def guidance_bias(captioner, probs: np.ndarray | None, options: GuideOptions = D
 
 def decode_states(captioner, state, beam_size: int, n_best: int = 1, max_len: int | None = None,
                   sampling: Sampling | None = None, context=(), attention: bool = False,
-                  guards: Guards = DEFAULT_GUARDS, bias: np.ndarray | None = None):
+                  guards: Guards = DEFAULT_GUARDS, bias: np.ndarray | None = None, required: np.ndarray | None = None):
     """Initial states (and per-image context) of a batch -> per image, a list of (caption, score) best first;
     with `attention` (attention decoders), (caption, score, weights over the grid of each token [T, H*W])."""
-    decoded = decode_hypotheses(captioner, state, beam_size, n_best, max_len, sampling, context, guards, bias)
+    decoded = decode_hypotheses(captioner, state, beam_size, n_best, max_len, sampling, context, guards, bias,
+                                required)
     return [[(captioner.vocab.decode(h.tokens), float(h.score), *((h.attention,) if attention else ()))
              for h in per_image] for per_image in decoded]
 

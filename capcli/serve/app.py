@@ -101,6 +101,8 @@ class CaptionOptions(BaseModel):
                                  description="No n-gram of this length twice in a caption (0 = off).")
     guidance: bool = Field(True, description="Let the backbone's classifier steer the words (bundles whose encoder "
                                              "returns classes); each result then says what it saw.")
+    constrain: bool = Field(False, description="With guidance and beam search: each caption must name the word the "
+                                               "classes support most (constrained beam search; slower).")
 
     @model_validator(mode="after")
     def _n_best_within_beam(self) -> CaptionOptions:
@@ -108,6 +110,10 @@ class CaptionOptions(BaseModel):
             raise ValueError(f"n_best ({self.n_best}) needs beam search; sample=true gives one caption per image")
         if not self.sample and self.n_best > self.beam_size:
             raise ValueError(f"n_best ({self.n_best}) cannot exceed beam_size ({self.beam_size})")
+        if self.constrain and not self.guidance:
+            raise ValueError("constrain needs guidance (guidance=false was given)")
+        if self.constrain and (self.sample or self.beam_size < 2):
+            raise ValueError("constrain needs beam search (beam_size 2 or more, sample=false)")
         return self
 
 
@@ -214,13 +220,15 @@ async def _read_uploads(request: Request, settings: ServeSettings) -> tuple[list
                            settings.max_image_bytes)
 
 
-def _parse_options(fields: dict, vocab_size: int) -> DecodeOptions:
+def _parse_options(fields: dict, vocab_size: int, has_classes: bool = True) -> DecodeOptions:
     try:
         options = CaptionOptions(**fields)
     except ValidationError as exc:
         raise UploadError(_options_message(exc), 422) from None
     if options.top_k > vocab_size:
         raise UploadError(f"top_k: at most the vocabulary's {vocab_size} words, got {options.top_k}", 422)
+    if options.constrain and not has_classes:
+        raise UploadError("constrain: this model's encoder returns no ImageNet classes to constrain on", 422)
     return DecodeOptions(**options.model_dump())
 
 
@@ -289,7 +297,7 @@ def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettin
         started = time.perf_counter()
         with batcher.reading() as reading:
             uploads, fields = await _read_uploads(request, settings)
-            options = _parse_options(fields, manifest["vocab_size"])
+            options = _parse_options(fields, manifest["vocab_size"], "classifier" in manifest)
             names = [name for name, _ in uploads]
             images = await asyncio.wrap_future(decoders[-1].submit(decode_all, uploads))
             del uploads  # the encoded bytes are done with: free them and their share of the upload budget

@@ -17,11 +17,12 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from capcli.errors import CapcliError
+from capcli.guidance import GuideOptions
 from capcli.runtime.captioner import (
     DEFAULT_GUARDS,
     DEFAULT_GUIDANCE,
@@ -51,6 +52,12 @@ class DecodeOptions:
     allow_unk: bool = False
     no_repeat_ngram: int = DEFAULT_GUARDS.no_repeat_ngram
     guidance: bool = True
+    constrain: bool = False
+
+    def guide_options(self) -> GuideOptions:
+        if not self.guidance:
+            return NO_GUIDANCE
+        return replace(DEFAULT_GUIDANCE, constrain=True) if self.constrain else DEFAULT_GUIDANCE
 
     def sampling(self) -> Sampling | None:
         return Sampling(self.temperature, self.top_k, self.seed) if self.sample else None
@@ -193,11 +200,14 @@ class MicroBatcher:
                 t0 = time.perf_counter()
                 state, context, probs = start_batch_classes(self.captioner, chunk)  # context: attention bundles
                 t1 = time.perf_counter()
-                bias, seen = guidance_bias(self.captioner, probs, DEFAULT_GUIDANCE if options.guidance else NO_GUIDANCE)
+                guide = options.guide_options()
+                bias, seen = guidance_bias(self.captioner, probs, guide)
+                required = np.array([c.required for c in seen]) if seen is not None and guide.constrain else None
                 classes += seen if seen is not None else [None] * len(chunk)
                 hypotheses += decode_states(self.captioner, state, options.beam_size, options.n_best,
                                             sampling=options.sampling(), context=context,
-                                            attention=self.with_attention, guards=options.guards(), bias=bias)
+                                            attention=self.with_attention, guards=options.guards(), bias=bias,
+                                            required=required)
                 encode_s, decode_s = encode_s + t1 - t0, decode_s + time.perf_counter() - t1
         except Exception as exc:  # the server must outlive any failure of one batch
             for job in jobs:
