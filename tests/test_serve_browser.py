@@ -139,3 +139,20 @@ def test_caption_html_heatmaps_render_in_a_browser(browser, attention_bundle, tm
     assert browser.save_screenshot(str(shot))
     with capsys.disabled():
         print(f"\nscreenshot of the attention report: {shot}")
+
+
+def test_name_the_object_asks_the_shipped_model_for_constrained_search(browser):
+    shipped = Path(__file__).resolve().parents[1] / "exported" / "flickr8k"
+    coffee = Path(__file__).parent / "images" / "coffee.jpg"
+    with running_server(shipped) as (url, _proc):
+        browser.get(url)
+        WebDriverWait(browser, 60).until(lambda d: "flickr8k" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "files").send_keys(str(coffee))
+        WebDriverWait(browser, 120).until(lambda d: len(_finished_cards(d)) == 1)
+        plain = _finished_cards(browser)[0].find_element(By.CSS_SELECTOR, ".caption").text
+        browser.find_element(By.NAME, "constrain").click()
+        browser.find_element(By.ID, "files").send_keys(str(coffee))
+        WebDriverWait(browser, 120).until(lambda d: len(_finished_cards(d)) == 2)
+        texts = [card.text for card in _finished_cards(browser)]
+        named = next(t for t in texts if "required: coffee" in t)  # the card asked for constrained search
+        assert "coffee" not in plain.split() and "coffee" in named.split("\n")[1].split()

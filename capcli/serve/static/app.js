@@ -23,6 +23,9 @@ function formOptions() {
   for (const name of ["beam_size", "n_best"]) fields[name] = form.elements[name].value;
   if (Number(fields.n_best) > Number(fields.beam_size)) fields.n_best = fields.beam_size;
   if (!form.elements.guidance.checked) fields.guidance = "false";
+  // Constrained search needs guidance and beam search: the box is only sent where it can apply.
+  const searching = !form.elements.sample.checked && Number(fields.beam_size) > 1;
+  if (form.elements.constrain.checked && form.elements.guidance.checked && searching) fields.constrain = "true";
   if (form.elements.sample.checked) {
     fields.sample = "true";
     for (const name of ["temperature", "top_k", "seed"]) fields[name] = form.elements[name].value;
@@ -73,6 +76,7 @@ function describeClasses(seen) {
   }
   const boosted = Object.keys(seen.boosted);
   if (boosted.length) parts.push("steered to: " + boosted.join(", "));
+  if (seen.required) parts.push("required: " + seen.required);
   if (seen.ruled_out.length) parts.push("held back: " + seen.ruled_out.join(", "));
   return parts.join("; ");
 }
