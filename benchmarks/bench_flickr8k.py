@@ -220,7 +220,7 @@ def speed(args) -> None:
     from capcli.train.batches import batches_for_rank, feature_source
     from capcli.train.captions import encode_split
     from capcli.train.config import TrainConfig
-    from capcli.train.loop import caption_loss, decoder_config
+    from capcli.train.loop import decoder_config
 
     backbone = get_backbone(args.backbone)
     ds = load_dataset(str(args.dataset))
@@ -244,17 +244,7 @@ def speed(args) -> None:
     for round_ in range(args.rounds):
         for name, (cfg, model, opt, batches, dtype) in setups.items():
             chosen = batches[round_ * args.steps : (round_ + 1) * args.steps]
-            tokens, start = 0, time.perf_counter()
-            for idx, inputs in feats.batches(table.rows, chosen):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
-                    loss, n, _ = caption_loss(model, inputs, table.tokens[idx][:, : int((table.tokens[idx] != 0)
-                                              .sum(1).max())], vocab.pad_id, cfg.attention_reg, cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-                opt.step()
-                tokens += n
-            rates[name].append(tokens / (time.perf_counter() - start))
+            rates[name].append(timed_steps(model, opt, feats, table, chosen, cfg, dtype, vocab.pad_id))
     fp32, bf16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     flop = training_flop_per_token(setups["recipe"][1].cfg, backbone.require_grid().positions)
     print(f"Flickr8k train captions, vocabulary {len(vocab)}, {torch.get_num_threads()} torch threads, "
@@ -266,6 +256,25 @@ def speed(args) -> None:
         rate = statistics.median(rates[name])
         print(f"{name:>7}: batch {cfg.batch_size:>3}, {str(dtype).removeprefix('torch.'):>8}: {rate:8,.0f} tok/s "
               f"({rate / base:.2f}x before) = {100 * rate * flop / 1e9 / fp32:.0f} % of the fp32 matmul peak")
+
+
+def timed_steps(model, opt, feats, table, chosen, cfg, dtype, pad_id: int) -> float:
+    """Training tokens/s over the `chosen` batches: the loop's steps (loss, backward, clipping, Adam)."""
+    import torch
+
+    from capcli.train.loop import caption_loss, trim
+
+    tokens, start = 0, time.perf_counter()
+    for idx, inputs in feats.batches(table.rows, chosen):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            loss, n, _ = caption_loss(model, inputs, trim(table.tokens[idx], pad_id), pad_id, cfg.attention_reg,
+                                      cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step()
+        tokens += n
+    return tokens / (time.perf_counter() - start)
 
 
 def speed_finetune(args) -> None:
@@ -283,7 +292,7 @@ def speed_finetune(args) -> None:
     from capcli.train.batches import batches_for_rank, feature_source
     from capcli.train.captions import encode_split
     from capcli.train.config import TrainConfig
-    from capcli.train.loop import caption_loss, decoder_config, trim
+    from capcli.train.loop import decoder_config
 
     backbone = get_backbone(args.backbone).with_resize_mode("squash")  # Flickr8k's copies are square
     ds = load_dataset(str(args.dataset))
@@ -313,17 +322,8 @@ def speed_finetune(args) -> None:
     for round_ in range(args.rounds):
         for name, (model, opt, batches, feats, table) in setups.items():
             model.train()
-            tokens, start = 0, time.perf_counter()
-            for idx, inputs in feats.batches(table.rows, batches[round_ * args.steps : (round_ + 1) * args.steps]):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
-                    loss, n, _ = caption_loss(model, inputs, trim(table.tokens[idx], vocab.pad_id), vocab.pad_id,
-                                              cfg.attention_reg, cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-                opt.step()
-                tokens += n
-            rates[name].append(tokens / (time.perf_counter() - start))
+            chosen = batches[round_ * args.steps : (round_ + 1) * args.steps]
+            rates[name].append(timed_steps(model, opt, feats, table, chosen, cfg, dtype, vocab.pad_id))
     print(f"Flickr8k train captions, {torch.get_num_threads()} torch threads, {args.rounds} rounds of {args.steps} "
           f"steps alternated, median tokens/s")
     frozen = statistics.median(rates["frozen"])
