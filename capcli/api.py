@@ -210,7 +210,8 @@ class Captioner:
                                           batch_size, errors)
         guide = _guidance_options(guidance, searching=not sample and beam_size > 1)
         if guide.constrain and not can_guide(self._captioner):
-            raise ValueError(f"GuideOptions(constrain=True): {no_classifier(self.model)}")
+            raise ValueError(f"GuideOptions(constrain=True): "
+                             f"{no_classifier(self.model, getattr(self._captioner, 'classifier', None))}")
 
         def stop_at_error(result: CaptionResult) -> None:
             if errors == "raise" and result.error is not None:

@@ -289,3 +289,31 @@ def test_serve_takes_constrain_and_refuses_it_where_it_cannot_apply(guided_bundl
     with TestClient(create_app(exported_tiny, provider="cpu")) as client:  # a pooled bundle: no classes
         refused = client.post("/v1/captions", files=photos, data={"constrain": "true"})
         assert refused.status_code == 422 and "no ImageNet classes" in refused.json()["error"]
+
+
+def test_constrain_with_a_label_set_without_a_table_names_it_in_the_cli_the_api_and_the_server(guided_bundle,
+                                                                                               tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    import capcli
+    from capcli.cli import app
+    from capcli.serve.app import create_app
+
+    edited = tmp_path / "edited"
+    shutil.copytree(guided_bundle, edited)
+    meta = json.loads((edited / "capcli.json").read_text())
+    meta["classifier"]["labels"] = "imagenet-21k"  # a label set capcli ships no word table for
+    (edited / "capcli.json").write_text(json.dumps(meta))
+    photo = IMAGES[0]
+    result = CliRunner().invoke(app, ["caption", str(photo), "--model", str(edited), "--constrain"])
+    assert result.exit_code == 1 and "label set 'imagenet-21k', which has no word table" in result.output
+    with pytest.raises(ValueError, match="imagenet-21k"):
+        capcli.load(edited, provider="cpu").caption(photo, guidance=capcli.GuideOptions(constrain=True))
+    upload = {"images": (photo.name, photo.read_bytes(), "image/jpeg")}
+    with TestClient(create_app(edited, provider="cpu")) as client:
+        refused = client.post("/v1/captions", files=upload, data={"constrain": "true"})
+        assert refused.status_code == 422 and "imagenet-21k" in refused.json()["error"]
+        assert client.post("/v1/captions", files=upload).status_code == 200  # guidance alone still captions

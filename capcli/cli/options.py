@@ -69,4 +69,5 @@ def check_constrain(captioner, model) -> None:
     from capcli.guidance import can_guide, no_classifier
 
     if not can_guide(captioner):
-        raise CapcliError(f"--constrain: {no_classifier(model)}; drop --constrain")
+        raise CapcliError(f"--constrain: {no_classifier(model, getattr(captioner, 'classifier', None))}; "
+                          "drop --constrain")

@@ -128,8 +128,12 @@ def can_guide(captioner) -> bool:
     return bool(head) and head.get("labels") in TABLES
 
 
-def no_classifier(model: object) -> str:
-    """Why `constrain` cannot apply to `model` (one line, for the CLI's error and the API's ValueError)."""
+def no_classifier(model: object, head: dict | None = None) -> str:
+    """Why `constrain` cannot apply to `model`, whose classifier is `head` (one line, for the CLI's error, the
+    API's ValueError and the server's 422)."""
+    if head and head.get("labels") not in TABLES:
+        return (f"{model}'s classes are of the label set '{head.get('labels')}', which has no word table "
+                f"(available: {', '.join(TABLES)}), so there is no word to require")
     return (f"{model} has no classifier (its encoder returns no ImageNet classes: a pooled decoder, or a bundle "
             "exported before classifiers), so there is no word to require")
 

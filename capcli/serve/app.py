@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from capcli import __version__
 from capcli.bundle.manifest import read_manifest
 from capcli.errors import CapcliError
+from capcli.guidance import can_guide, no_classifier
 from capcli.runtime.captioner import DEFAULT_GUARDS, MAX_BEAM, open_captioner
 from capcli.serve.batcher import DecodeOptions, MicroBatcher, ServerBusy
 from capcli.serve.limits import MB, BodyAccount, DecodeBudget, GuardedH11Protocol, Refused, UploadBudget, tune_malloc
@@ -220,15 +221,15 @@ async def _read_uploads(request: Request, settings: ServeSettings) -> tuple[list
                            settings.max_image_bytes)
 
 
-def _parse_options(fields: dict, vocab_size: int, has_classes: bool = True) -> DecodeOptions:
+def _parse_options(fields: dict, vocab_size: int, unconstrainable: str | None = None) -> DecodeOptions:
     try:
         options = CaptionOptions(**fields)
     except ValidationError as exc:
         raise UploadError(_options_message(exc), 422) from None
     if options.top_k > vocab_size:
         raise UploadError(f"top_k: at most the vocabulary's {vocab_size} words, got {options.top_k}", 422)
-    if options.constrain and not has_classes:
-        raise UploadError("constrain: this model's encoder returns no ImageNet classes to constrain on", 422)
+    if options.constrain and unconstrainable:
+        raise UploadError(f"constrain: {unconstrainable}", 422)
     return DecodeOptions(**options.model_dump())
 
 
@@ -251,6 +252,9 @@ def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettin
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     captioner = open_captioner(bundle, runtime="onnx", provider=provider)
+    # Why `constrain` cannot apply to this model (None where it can), as capcli caption --constrain says it.
+    head = getattr(captioner, "classifier", None)
+    unconstrainable = None if can_guide(captioner) else no_classifier("this model", head)
     batcher = MicroBatcher(captioner, settings.max_batch, settings.max_wait_ms / 1e3, settings.max_queued,
                            wait_for_readers=True)
     decode_budget = DecodeBudget(settings.max_decode_bytes, settings.decode_wait_s)
@@ -297,7 +301,7 @@ def create_app(bundle: str | Path, provider: str = "auto", settings: ServeSettin
         started = time.perf_counter()
         with batcher.reading() as reading:
             uploads, fields = await _read_uploads(request, settings)
-            options = _parse_options(fields, manifest["vocab_size"], "classifier" in manifest)
+            options = _parse_options(fields, manifest["vocab_size"], unconstrainable)
             names = [name for name, _ in uploads]
             images = await asyncio.wrap_future(decoders[-1].submit(decode_all, uploads))
             del uploads  # the encoded bytes are done with: free them and their share of the upload budget
